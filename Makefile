@@ -1,0 +1,29 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv and installs the pinned
+# dependencies (constraints.txt) when they are missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# Every test runs on 8 simulated CPU devices; the flag must be set before jax is imported.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist=loadfile -q tests
+
+demo: install
+	@echo "make demo: the built-in knowledge-base experiment is not built yet (issue 6)." && exit 1
+
+bench: install
+	$(PY) scripts/benchmark.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114
+
+clean:
+	rm -rf $(VENV) build *.egg-info

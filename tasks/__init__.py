@@ -1,0 +1,1 @@
+"""seqio Task and Mixture registrations: importing `tasks` registers all of them."""
