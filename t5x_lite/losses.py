@@ -1,0 +1,75 @@
+"""Cross entropy with z-loss and label smoothing, and how the summed loss is normalised.
+
+The functions return sums over the batch so that gradient accumulation over microbatches is exact: the
+trainer divides by the denominator of the whole batch (`loss_denominator`). What is logged is always the
+loss per target token, whatever the normalisation used for the gradient.
+"""
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+
+
+class LossNormalizer(enum.Enum):
+    """What the summed loss is divided by before differentiation.
+
+    PER_TOKEN: the batch's total loss weight (the mean loss per target token); the default.
+    NUM_REAL_TARGET_TOKENS: the number of non-padding target tokens (T5X's option of that name).
+    CONSTANT: a fixed number (T5X's `loss_normalizing_factor`, e.g. batch 128 x 114 targets x 16 = 233472),
+      which keeps the gradient's scale independent of how full the batch is.
+    """
+
+    PER_TOKEN = "per_token"
+    NUM_REAL_TARGET_TOKENS = "num_real_target_tokens"
+    CONSTANT = "constant"
+
+
+def cross_entropy_with_z_loss(
+    logits: jax.Array, targets: jax.Array, *, label_smoothing: float = 0.0, z_loss: float = 1e-4
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token loss and z-loss (both included in the loss), in float32.
+
+    logits: float[batch, length, vocab]; targets: int32[batch, length] -> (loss, z_loss): float32[batch, length].
+    z-loss (z_loss * log(Z)^2) keeps the softmax normaliser near 1; label smoothing spreads `label_smoothing`
+    of the target mass over the other tokens, and the loss is offset by the smoothed target's entropy so that
+    a perfect prediction scores 0.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab_size = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing > 0.0:
+        confidence = 1.0 - label_smoothing
+        low_confidence = label_smoothing / (vocab_size - 1)
+        # The minimum achievable loss, so that a perfect prediction of the smoothed target scores 0.
+        normalizing_constant = -(
+            confidence * jnp.log(confidence) + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
+        )
+        sum_log_probs = jnp.sum(log_probs, axis=-1)
+        cross_entropy = -(
+            (confidence - low_confidence) * target_log_prob + low_confidence * sum_log_probs
+        ) - normalizing_constant
+    else:
+        cross_entropy = -target_log_prob
+    z = z_loss * jnp.square(log_z)
+    return cross_entropy + z, z
+
+
+def loss_denominator(
+    weights: jax.Array,
+    target_tokens: jax.Array,
+    normalizer: LossNormalizer | str = LossNormalizer.PER_TOKEN,
+    constant: float | None = None,
+) -> jax.Array:
+    """The number the summed loss of a whole batch is divided by; weights, target_tokens: [batch, length]."""
+    normalizer = LossNormalizer(normalizer)
+    if normalizer is LossNormalizer.PER_TOKEN:
+        return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1e-8)
+    if normalizer is LossNormalizer.NUM_REAL_TARGET_TOKENS:
+        return jnp.maximum(jnp.sum(target_tokens > 0).astype(jnp.float32), 1.0)
+    if constant is None or constant <= 0:
+        raise ValueError(f"loss normalizer 'constant' needs a positive loss_normalizing_constant, got {constant}")
+    return jnp.asarray(constant, jnp.float32)
