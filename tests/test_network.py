@@ -1,0 +1,186 @@
+"""The T5.1.1 network: parameter counts, scanned == unscanned, packing, remat, bf16."""
+import dataclasses
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_lite import layers, network
+from tests.helpers import TINY, random_batch
+
+EXPECTED_PARAMETERS = {
+    "small": 76_961_152,
+    "base": 247_577_856,
+    "large": 783_150_080,
+    "xl": 2_849_757_184,
+    "xxl": 11_135_332_352,
+}
+
+
+def config_from_gin(size):
+    gin.clear_config()
+    gin.add_config_file_search_path("gin")
+    gin.parse_config_files_and_bindings([f"gin/models/t5_1_1/{size}.gin"], [])
+    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    gin.clear_config()
+    return model.config
+
+
+def count_parameters(config):
+    module = network.Transformer(config)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+@pytest.mark.parametrize("size", sorted(EXPECTED_PARAMETERS))
+@pytest.mark.parametrize("scan", [False, True])
+def test_parameter_counts_from_gin_files(size, scan):
+    config = dataclasses.replace(config_from_gin(size), scan_layers=scan)
+    assert config.head_dim == 64 and config.vocab_size == 32128
+    assert count_parameters(config) == EXPECTED_PARAMETERS[size]
+
+
+def init_and_apply(config, batch, params=None, **kwargs):
+    module = network.Transformer(config)
+    if params is None:
+        params = nn.unbox(module.init(jax.random.PRNGKey(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"])["params"])
+    logits = module.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                          batch["decoder_target_tokens"], **kwargs)
+    return params, logits
+
+
+def test_scanned_and_unscanned_give_the_same_outputs():
+    batch = random_batch()
+    params, logits = init_and_apply(TINY, batch)
+    scanned = network.scan_params(params)
+    assert scanned["encoder"]["layers"]["mlp"]["wi_0"]["kernel"].shape == (2, 32, 64)
+    _, scanned_logits = init_and_apply(dataclasses.replace(TINY, scan_layers=True), batch, scanned)
+    np.testing.assert_allclose(scanned_logits, logits, atol=1e-5, rtol=1e-5)
+    # And back: the round trip is exact.
+    back = network.unscan_params(scanned)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scanned_init_layout_matches_unscanned_layout():
+    tokens = jnp.ones((1, 4), jnp.int32)
+    scanned = jax.eval_shape(
+        lambda: network.Transformer(dataclasses.replace(TINY, scan_layers=True)).init(jax.random.PRNGKey(0), tokens, tokens)
+    )["params"]
+    unscanned = jax.eval_shape(lambda: network.Transformer(TINY).init(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    converted = jax.eval_shape(network.scan_params, nn.unbox(unscanned))
+    assert jax.tree.map(lambda x: x.shape, converted) == jax.tree.map(lambda x: x.shape, nn.unbox(scanned))
+    # The layer axis is named, so the partitioner and Adafactor see it.
+    assert scanned["decoder"]["layers"]["mlp"]["wi_0"]["kernel"].names == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("policy", ["minimal", "full"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_change_memory_not_results(policy, scan):
+    batch = random_batch()
+    base_config = dataclasses.replace(TINY, scan_layers=scan)
+    params, _ = init_and_apply(base_config, batch)
+
+    def loss(config, p):
+        _, logits = init_and_apply(config, batch, p)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    g_plain = jax.grad(lambda p: loss(base_config, p))(params)
+    g_remat = jax.grad(lambda p: loss(dataclasses.replace(base_config, remat_policy=policy), p))(params)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_batch_equals_each_example_alone():
+    """Two examples packed into one row give the logits each has alone (masks and positions respected)."""
+    a = random_batch(batch_size=1, inputs_length=6, targets_length=4, seed=1, padding=False)
+    b = random_batch(batch_size=1, inputs_length=5, targets_length=3, seed=2, padding=False)
+    params, logits_a = init_and_apply(TINY, a)
+    _, logits_b = init_and_apply(TINY, b, params)
+    pad = lambda x, n: np.pad(x, ((0, 0), (0, n)))
+    packed = {k: pad(np.concatenate([a[k], b[k]], axis=1), 2) for k in a}
+    packed["decoder_input_tokens"][0, 4] = 0  # each packed target segment starts from BOS (0)
+    seg = lambda la, lb, n: pad(np.array([[1] * la + [2] * lb]), n)
+    pos = lambda la, lb, n: pad(np.array([list(range(la)) + list(range(lb))]), n)
+    kwargs = dict(
+        encoder_segment_ids=seg(6, 5, 2), decoder_segment_ids=seg(4, 3, 2),
+        encoder_positions=pos(6, 5, 2), decoder_positions=pos(4, 3, 2),
+    )
+    _, packed_logits = init_and_apply(TINY, packed, params, **kwargs)
+    np.testing.assert_allclose(packed_logits[:, :4], logits_a, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed_logits[:, 4:7], logits_b, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_the_real_positions():
+    batch = random_batch(batch_size=1, inputs_length=6, targets_length=4, padding=False)
+    params, logits = init_and_apply(TINY, batch)
+    padded = {k: np.pad(v, ((0, 0), (0, 3))) for k, v in batch.items()}
+    _, padded_logits = init_and_apply(TINY, padded, params)
+    np.testing.assert_allclose(padded_logits[:, :4], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_is_causal():
+    batch = random_batch(batch_size=2, padding=False)
+    params, logits = init_and_apply(TINY, batch)
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["decoder_input_tokens"][:, 5:] = 7
+    _, changed_logits = init_and_apply(TINY, changed, params)
+    np.testing.assert_allclose(changed_logits[:, :5], logits[:, :5], atol=1e-5, rtol=1e-5)
+    assert not np.allclose(changed_logits[:, 5:], logits[:, 5:])
+
+
+def test_cached_decoding_steps_equal_the_full_forward_pass():
+    """The decode cache layout: feeding the targets one token at a time gives the teacher-forced logits."""
+    batch = random_batch(batch_size=2, padding=False)
+    params, logits = init_and_apply(TINY, batch)
+    module = network.Transformer(TINY)
+    encoded = module.apply({"params": params}, batch["encoder_input_tokens"], method=module.encode)
+    length = batch["decoder_input_tokens"].shape[1]
+    _, cache = module.apply(
+        {"params": params}, encoded, batch["encoder_input_tokens"], jnp.zeros((2, length), jnp.int32),
+        decode=True, max_decode_length=length, method=module.decode, mutable=["cache"],
+    )
+    layer_cache = cache["cache"]["decoder"]["layers_0"]
+    assert layer_cache["self_attention"]["cached_key"].shape == (2, length, 8, 4)
+    assert layer_cache["encoder_decoder_attention"]["cached_key"].shape == (2, 16, 8, 4)
+    steps = []
+    for i in range(length):
+        step_logits, cache = module.apply(
+            {"params": params, **cache}, None, batch["encoder_input_tokens"], batch["decoder_input_tokens"][:, i:i + 1],
+            decode=True, max_decode_length=length, method=module.decode, mutable=["cache"],
+        )
+        steps.append(step_logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_activations_keep_float32_parameters():
+    batch = random_batch()
+    params, logits32 = init_and_apply(TINY, batch)
+    _, logits16 = init_and_apply(dataclasses.replace(TINY, dtype="bfloat16"), batch, params)
+    assert logits16.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    np.testing.assert_allclose(np.asarray(logits16, np.float32), logits32, atol=0.1, rtol=0.05)
+
+
+def test_relative_position_buckets():
+    rel = jnp.arange(-200, 201)[None]
+    bi = layers.relative_position_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+    causal = layers.relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=128)
+    assert int(bi.min()) == 0 and int(bi.max()) == 31
+    # Exact buckets for small distances; keys in the future share bucket 0 in the causal case.
+    assert [int(causal[0, 200 - d]) for d in range(8)] == list(range(8))
+    assert int(causal[0, 250]) == 0
+    # Distances beyond max_distance share the last bucket of their direction.
+    assert int(causal[0, 0]) == int(causal[0, 200 - 128]) == 15 or int(causal[0, 0]) == 31
+
+
+def test_config_rejects_unknown_switches():
+    with pytest.raises(ValueError, match="remat_policy"):
+        network.T5Config(remat_policy="some")
+    with pytest.raises(ValueError, match="dtype"):
+        network.T5Config(dtype="float16")
