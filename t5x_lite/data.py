@@ -10,6 +10,7 @@ Each process reads its own shard of the examples (`seqio.ShardInfo(process_index
 arrays laid out by a sharding, and checkpoints the tf.data iterator so that a resumed run sees exactly the batches
 an uninterrupted one would have seen.
 """
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -18,6 +19,34 @@ import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """What to read: the arguments of `get_dataset` that an experiment chooses (gin binds these)."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    split: str = "train"
+    batch_size: int = 8
+    shuffle: bool = True
+    seed: int | None = 0
+    pack: bool = True
+    use_cached: bool = False
+
+    def dataset(self, *, repeat: bool = True, shard_info: seqio.ShardInfo | None = None) -> tf.data.Dataset:
+        return get_dataset(
+            self.mixture_or_task_name,
+            task_feature_lengths=self.task_feature_lengths,
+            split=self.split,
+            global_batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            pack=self.pack,
+            repeat=repeat,
+            shard_info=shard_info,
+            use_cached=self.use_cached,
+        )
 
 
 def keep_tensorflow_off_accelerators() -> None:

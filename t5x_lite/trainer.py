@@ -109,6 +109,15 @@ class Trainer:
         with self.partitioner.activation_context():
             return self._init(jax.random.PRNGKey(self.seed))
 
+    def state_from_params(self, params: Any) -> TrainState:
+        """A step-0 train state around given (e.g. pre-trained) parameters, with a fresh optimizer state."""
+        init = jax.jit(
+            lambda p: TrainState(step=jnp.zeros([], jnp.int32), params=p, opt_state=self.optimizer.init(p)),
+            in_shardings=(self.state_shardings.params,),
+            out_shardings=self.state_shardings,
+        )
+        return init(params)
+
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update. `state` is donated. Metrics are device scalars: loss and z_loss per target
         token, accuracy, learning_rate, grad_norm, and the sums behind them."""

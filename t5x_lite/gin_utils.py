@@ -1,0 +1,62 @@
+"""Gin plumbing shared by the entry points (train / eval / infer); the library itself never imports gin.
+
+Command lines follow T5X: `--gin_file` (repeatable), `--gin_bindings` (repeatable), `--gin_search_paths`,
+and the shorthand `--gin.MACRO=value` for `--gin_bindings=MACRO=value`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import gin
+
+# The repository's gin/ folder, so that `include 'models/t5_1_1/defaults.gin'` resolves from anywhere.
+DEFAULT_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def rewrite_gin_shorthand(argv: Sequence[str]) -> list[str]:
+    """`--gin.MODEL_DIR="'/tmp/run'"` -> `--gin_bindings=MODEL_DIR = '/tmp/run'`."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            name, value = arg[len("--gin."):].split("=", 1)
+            out.append(f"--gin_bindings={name} = {value}")
+        else:
+            out.append(arg)
+    return out
+
+
+def parse(gin_files: Sequence[str], gin_bindings: Sequence[str], gin_search_paths: Sequence[str] = ()) -> None:
+    """Parses gin files and bindings; an unknown configurable or parameter raises a ValueError naming it."""
+    for path in [".", *gin_search_paths, DEFAULT_SEARCH_PATH]:
+        gin.add_config_file_search_path(path)
+    for gin_file in gin_files:
+        if not any(os.path.exists(os.path.join(p, gin_file)) for p in ["", *gin_search_paths, DEFAULT_SEARCH_PATH]):
+            raise FileNotFoundError(
+                f"gin file {gin_file!r} not found in the working directory or the search paths "
+                f"{[*gin_search_paths, DEFAULT_SEARCH_PATH]}"
+            )
+    gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+
+
+def _is_required(value) -> bool:
+    # `MACRO = %gin.REQUIRED` binds the macro to a reference to the constant gin.REQUIRED.
+    return isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector == "gin.REQUIRED/gin.constant"
+
+
+def check_required_macros(names: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """Raises a ValueError naming every macro in `names` that is unset or still `%gin.REQUIRED`, and every
+    macro in `optional` that a gin file marked `%gin.REQUIRED` (e.g. INITIAL_CHECKPOINT_PATH in finetune.gin)."""
+    missing = []
+    for name in [*names, *optional]:
+        try:
+            value = gin.query_parameter(f"%{name}")
+        except ValueError:
+            if name in names:
+                missing.append(name)
+            continue
+        if _is_required(value):
+            missing.append(name)
+    if missing:
+        examples = " ".join(f"--gin.{name}=..." for name in missing)
+        raise ValueError(f"required gin macro(s) not set: {', '.join(missing)}; set them in a gin file or with {examples}")
