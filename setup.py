@@ -22,6 +22,7 @@ setuptools.setup(
         "tensorflow",
         "tensorflow-text",
         "tensorflow-datasets",
+        "tensorboard",
         "gin-config",
         "sentencepiece",
         "numpy",
