@@ -86,7 +86,7 @@ class Trainer:
             TrainState(jax.ShapeDtypeStruct((), jnp.int32), self.abstract_params, abstract_opt_state),
             self.state_shardings,
         )
-        self._dropout_rng = jax.random.PRNGKey(seed + 1)
+        self.dropout_rng = jax.random.PRNGKey(seed + 1)
 
         batch_sharding = partitioner.batch_sharding
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
@@ -122,7 +122,13 @@ class Trainer:
         """One optimizer update. `state` is donated. Metrics are device scalars: loss and z_loss per target
         token, accuracy, learning_rate, grad_norm, and the sums behind them."""
         with self.partitioner.activation_context():
-            return self._train_step(state, batch, self._dropout_rng)
+            return self._train_step(state, batch, self.dropout_rng)
+
+    def lower_train_step(self, batch_spec: Mapping[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+        """The train step lowered for batches like `batch_spec`; `.compile()` it and call the result with
+        (state, batch, trainer.dropout_rng) to time compilation and steps separately."""
+        with self.partitioner.activation_context():
+            return self._train_step.lower(self.abstract_state, batch_spec, self.dropout_rng)
 
     def eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """Teacher-forced sums over the batch: loss, z_loss, weight, correct (aggregate with `summarize`)."""
