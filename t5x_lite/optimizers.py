@@ -238,6 +238,14 @@ def state_logical_axes(abstract_state: Any, abstract_params: Any, params_logical
             return None
         if tuple(leaf.shape) == shape:
             return tuple(axes)
+        # Adafactor's v_row drops the column dim and v_col the row dim; when two dims have the same size (a
+        # square kernel) the shape alone cannot tell which was dropped, so take it from the layout.
+        field = names[start - 1] if start else None
+        factored_dims = _layout(shape, axes, 0, True).factored
+        if field in ("v_row", "v_col") and factored_dims:
+            dropped = factored_dims[1] if field == "v_row" else factored_dims[0]
+            if _drop(shape, dropped) == tuple(leaf.shape):
+                return tuple(a for i, a in enumerate(axes) if i != dropped)
         for d in range(len(shape)):
             if _drop(shape, d) == tuple(leaf.shape):
                 return tuple(a for i, a in enumerate(axes) if i != d)

@@ -169,8 +169,8 @@ class Trainer:
         if batch_size % m:
             raise ValueError(f"batch size {batch_size} does not divide into num_microbatches={m}")
 
-        # Microbatch i takes examples i, i+m, i+2m, ...: every data shard holds a slice of each microbatch,
-        # so splitting moves no data between devices.
+        # Microbatch i takes examples i, i+m, i+2m, ...: when each data shard's part of the batch is a
+        # multiple of m, every shard holds its slice of each microbatch and splitting moves no data.
         def split(x):
             x = x.reshape((batch_size // m, m) + x.shape[1:]).swapaxes(0, 1)
             return nn.with_logical_constraint(x, (None, "batch") + ("length",) * (x.ndim - 2))
@@ -196,7 +196,7 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = summarize(sums)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if self.learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(self.learning_rate_fn(state.step), jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
