@@ -12,10 +12,18 @@ evaluation); everyone's biographies are in pretraining.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import itertools
+import os
 from typing import Iterator
 
 import numpy as np
+import sentencepiece as spm
+import seqio
+import tensorflow as tf
+
+from t5x_lite import metrics, preprocessors
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "employer_city")
 
@@ -241,14 +249,10 @@ def train_vocabulary(kb: KnowledgeBase, path: str, vocab_size: int = 1000) -> st
     """Trains a SentencePiece model (at most `vocab_size` pieces) on the biographies and QA pairs, with T5's
     ids (pad 0, EOS 1, UNK 2, no BOS), and writes it to `path` unless a model is already there; returns
     `path`. Deterministic: one thread, the sentences in a fixed order."""
-    import io
-    import os
-
-    import sentencepiece as spm
-
     if os.path.exists(path):
         return path
-    sentences = list(kb.corpus()) + [f"{qa.question} {qa.answer}" for qa in kb.qa_pairs(kb.people)]
+    sentences = list(kb.corpus()) + [f"{QA_PREFIX}{qa.question} {qa.answer}" for qa in kb.qa_pairs(kb.people)]
+    sentences.append(f"{SSM_PREFIX}{SSM_MASK}")  # the task prompts must tokenize without unknown pieces
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -271,3 +275,126 @@ def train_vocabulary(kb: KnowledgeBase, path: str, vocab_size: int = 1000) -> st
         f.write(model.getvalue())
     os.replace(temporary, path)  # atomic: a concurrent reader sees no half-written model
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# seqio tasks over the knowledge base.
+
+DEFAULT_NUM_PEOPLE = 500
+DEFAULT_SEED = 0
+DEFAULT_NUM_RENDERINGS = 5
+DEFAULT_VOCAB_SIZE = 1000
+QA_PREFIX = "question: "
+SSM_PREFIX, SSM_MASK = "nem: ", "_X_"  # T5's closed-book QA conventions for salient span masking
+
+
+def cache_dir() -> str:
+    """Where trained vocabularies are kept: $T5X_LITE_CACHE_DIR, default ~/.cache/t5x_lite."""
+    return os.environ.get("T5X_LITE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "t5x_lite")
+
+
+class KnowledgeBaseVocabulary(seqio.SentencePieceVocabulary):
+    """A SentencePiece vocabulary (with 100 extra ids) trained on the knowledge base the first time it is used,
+    then read from its cached file."""
+
+    def __init__(self, path: str, kb_args: tuple[int, int, int], vocab_size: int):
+        super().__init__(path, extra_ids=100)
+        self._kb_args = kb_args
+        self._vocab_size_wanted = vocab_size
+
+    def _model_context(self):
+        if not self._model:
+            train_vocabulary(build(*self._kb_args), self._sentencepiece_model_file, self._vocab_size_wanted)
+        return super()._model_context()
+
+
+def register_bios_tasks(
+    num_people: int = DEFAULT_NUM_PEOPLE,
+    seed: int = DEFAULT_SEED,
+    num_renderings: int = DEFAULT_NUM_RENDERINGS,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    prefix: str = "bios",
+) -> None:
+    """Registers, over one knowledge base:
+
+        {prefix}_span_corruption   T5's span corruption of every biography (needs inputs/targets lengths that
+                                   go together, e.g. 128/29)
+        {prefix}_ssm               salient span masking: one example per attribute value of each biography
+        {prefix}_cbqa              "question: <q>" -> the answer; splits "train" (set A), "validation" (set B)
+                                   and "validation_a" (set A, to see that fine-tuning was learnt)
+        {prefix}_pretrain_ssm_qa   a mixture: SSM over everyone plus set A's QA pairs (1 in 4 examples)
+    """
+    kb_args = (num_people, seed, num_renderings)
+    vocab_path = os.path.join(
+        cache_dir(), "bios", f"bios-n{num_people}-s{seed}-r{num_renderings}-v{vocab_size}.spiece.model"
+    )
+    vocabulary = KnowledgeBaseVocabulary(vocab_path, kb_args, vocab_size)
+    features = {
+        "inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+        "targets": seqio.Feature(vocabulary, add_eos=True),
+    }
+
+    def biographies(split, shuffle_files, seed=None):
+        del shuffle_files, seed
+        kb = build(*kb_args)
+        texts = np.array([b.text.encode() for b in kb.biographies])
+        starts = tf.ragged.constant([[b.spans[a][0] for a in ATTRIBUTES] for b in kb.biographies], dtype=tf.int32)
+        limits = tf.ragged.constant([[b.spans[a][1] for a in ATTRIBUTES] for b in kb.biographies], dtype=tf.int32)
+        return tf.data.Dataset.from_tensor_slices({"text": texts, "spans": {"start": starts, "limit": limits}})
+
+    def qa_pairs(split, shuffle_files, seed=None):
+        del shuffle_files, seed
+        kb = build(*kb_args)
+        people = kb.set_a if split in ("train", "validation_a") else kb.set_b
+        pairs = kb.qa_pairs(people)
+        return tf.data.Dataset.from_tensor_slices({
+            "question": np.array([qa.question.encode() for qa in pairs]),
+            "answers": np.array([[qa.answer.encode()] for qa in pairs]),
+        })
+
+    num_bios = num_people * num_renderings
+    seqio.TaskRegistry.add(
+        f"{prefix}_span_corruption",
+        source=seqio.FunctionDataSource(biographies, splits=["train"], num_input_examples={"train": num_bios}),
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            preprocessors.span_corruption,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=features,
+        metric_fns=[],
+    )
+    seqio.TaskRegistry.add(
+        f"{prefix}_ssm",
+        source=seqio.FunctionDataSource(biographies, splits=["train"], num_input_examples={"train": num_bios}),
+        preprocessors=[
+            functools.partial(preprocessors.salient_span_masking, prefix=SSM_PREFIX, mask=SSM_MASK,
+                              offsets_unit="UTF8_CHAR"),
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=features,
+        metric_fns=[],
+    )
+    num_a = len([p for p in generate_people(num_people, seed) if p.in_set_a])
+    qa_counts = {"train": 6 * num_a, "validation_a": 6 * num_a, "validation": 6 * (num_people - num_a)}
+    seqio.TaskRegistry.add(
+        f"{prefix}_cbqa",
+        source=seqio.FunctionDataSource(qa_pairs, splits=list(qa_counts), num_input_examples=qa_counts),
+        preprocessors=[
+            functools.partial(preprocessors.closed_book_qa, prefix=QA_PREFIX),
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=features,
+        postprocess_fn=metrics.qa_postprocessor,
+        metric_fns=[metrics.squad],
+    )
+    seqio.MixtureRegistry.add(f"{prefix}_pretrain_ssm_qa", [(f"{prefix}_ssm", 3.0), (f"{prefix}_cbqa", 1.0)])
+
+
+register_bios_tasks()

@@ -1,0 +1,97 @@
+"""Evaluation metrics, as seqio metric functions `metric_fn(targets, predictions) -> {name: float}`.
+
+Closed-book QA: exact match and token F1, each the maximum over a question's gold answers and averaged over the
+questions, reported x100, after one of two normalisations:
+
+    SQuAD      lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace
+    TriviaQA   the same, but punctuation, the quote marks ‘ ’ ´ ` and underscores become spaces
+
+so "Mary-Kate Olsen" against "mary kate olsen" scores SQuAD EM 0 and F1 40 ("marykate olsen"), TriviaQA EM 100.
+A task's targets carry all of a question's answers through `qa_postprocessor`.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+_TRIVIA_QA_SPACED = frozenset(string.punctuation + "‘’´")  # string.punctuation has ` and _
+
+
+def _drop_articles_and_collapse_whitespace(text: str) -> str:
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def normalize_squad(text: str) -> str:
+    """SQuAD v1.1's answer normalisation: "The Mary-Kate  Olsen!" -> "marykate olsen"."""
+    return _drop_articles_and_collapse_whitespace("".join(c for c in text.lower() if c not in _PUNCTUATION))
+
+
+def normalize_trivia_qa(text: str) -> str:
+    """TriviaQA's answer normalisation: "The Mary-Kate  Olsen!" -> "mary kate olsen"."""
+    return _drop_articles_and_collapse_whitespace("".join(" " if c in _TRIVIA_QA_SPACED else c for c in text.lower()))
+
+
+def _token_f1(prediction: str, answer: str) -> float:
+    prediction_tokens, answer_tokens = prediction.split(), answer.split()
+    if not prediction_tokens or not answer_tokens:
+        # An answer that normalises to nothing ("---", ")") is matched by an empty prediction only. As in SQuAD
+        # 2.0's script (v1.1's, and T5's, scored F1 0 even then, below the EM of 100), so that F1 >= EM.
+        return float(prediction_tokens == answer_tokens)
+    common = sum((collections.Counter(prediction_tokens) & collections.Counter(answer_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction_tokens), common / len(answer_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(targets: Sequence[str | Sequence[str]], predictions: Sequence[str],
+               normalize: Callable[[str], str]) -> dict[str, float]:
+    """{"em", "f1"} x100: the mean over questions of the best score against any of the question's answers.
+
+    Args:
+      targets: per question its gold answers (a sequence of strings, or one string).
+      predictions: per question the predicted answer.
+    """
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions.")
+    if not targets:
+        raise ValueError("No predictions to score.")
+    exact, f1 = 0.0, 0.0
+    for answers, prediction in zip(targets, predictions):
+        answers = [answers] if isinstance(answers, str) else list(answers)
+        if not answers:
+            raise ValueError(f"A question has no gold answers (prediction {prediction!r}).")
+        normalized_prediction = normalize(prediction)
+        normalized_answers = [normalize(answer) for answer in answers]
+        exact += max(float(normalized_prediction == answer) for answer in normalized_answers)
+        f1 += max(_token_f1(normalized_prediction, answer) for answer in normalized_answers)
+    return {"em": 100 * exact / len(targets), "f1": 100 * f1 / len(targets)}
+
+
+def squad(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:
+    """Exact match and token F1 (x100) with SQuAD's normalisation (Natural Questions, WebQuestions)."""
+    return qa_metrics(targets, predictions, normalize_squad)
+
+
+def trivia_qa(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:
+    """Exact match and token F1 (x100) with TriviaQA's normalisation."""
+    return qa_metrics(targets, predictions, normalize_trivia_qa)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def qa_postprocessor(output: str, example: Mapping[str, Any] | None = None, is_target: bool = False):
+    """A seqio postprocess_fn: a target becomes all of its example's answers (the "answers" feature, a list of
+    strings or bytes); a prediction stays as it is."""
+    if is_target:
+        if example is None or "answers" not in example:
+            raise ValueError("qa_postprocessor needs the example's 'answers' feature to postprocess a target.")
+        return [_text(answer) for answer in example["answers"]]
+    return output
