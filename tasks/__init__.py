@@ -1,6 +1,6 @@
 """seqio Task and Mixture registrations: importing `tasks` registers all of them."""
 
+from tasks import bios  # noqa: F401  (the built-in knowledge base of the default experiment)
 from tasks import cbqa  # noqa: F401  (closed-book QA: NQ, WebQuestions, TriviaQA and their mixtures)
 from tasks import pretraining  # noqa: F401  (span corruption and salient span masking)
-from tasks import bios  # noqa: F401  (the built-in knowledge base of the default experiment)
 from tasks import synthetic  # noqa: F401  (offline tasks for tests and smoke runs)

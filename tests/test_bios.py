@@ -49,3 +49,35 @@ def test_vocabulary_is_trained_once_and_deterministically(tmp_path):
     mtime = (tmp_path / "a.model").stat().st_mtime_ns
     bios.train_vocabulary(kb, first, vocab_size=400)  # cached: not retrained
     assert (tmp_path / "a.model").stat().st_mtime_ns == mtime
+
+
+def test_registered_tasks_read_the_knowledge_base(tmp_path, monkeypatch):
+    import seqio
+
+    monkeypatch.setenv("T5X_LITE_CACHE_DIR", str(tmp_path))
+    bios.register_bios_tasks(num_people=20, seed=5, prefix="bios_test_small")
+    kb = bios.build(20, seed=5)
+    try:
+        qa = seqio.get_mixture_or_task("bios_test_small_cbqa")
+        vocabulary = qa.output_features["targets"].vocabulary
+        lengths = {"inputs": 64, "targets": 16}
+        questions = {
+            split: [vocabulary.decode(ex["inputs"].tolist()) for ex in qa.get_dataset(lengths, split=split, shuffle=False).as_numpy_iterator()]
+            for split in ("train", "validation")
+        }
+        assert len(questions["train"]) == len(questions["validation"]) == 60
+        assert all(q.startswith("question: ") for q in questions["train"])
+        names_in = lambda split: {p.name for p in kb.people if any(p.name in q for q in questions[split])}
+        assert names_in("train") == {p.name for p in kb.set_a}
+        assert names_in("validation") == {p.name for p in kb.set_b}
+
+        ssm = seqio.get_mixture_or_task("bios_test_small_ssm")
+        examples = list(ssm.get_dataset({"inputs": 128, "targets": 16}, split="train", shuffle=False).as_numpy_iterator())
+        assert len(examples) == 20 * 5 * len(bios.ATTRIBUTES)  # one per attribute value of every biography
+        first = vocabulary.decode(examples[0]["inputs"].tolist())
+        assert first.startswith("nem: ") and "_X_" in first
+        assert (tmp_path / "bios").is_dir(), "the vocabulary is trained into the cache folder"
+    finally:
+        for name in ("cbqa", "ssm", "span_corruption"):
+            seqio.TaskRegistry.remove(f"bios_test_small_{name}")
+        seqio.MixtureRegistry.remove("bios_test_small_pretrain_ssm_qa")
