@@ -10,7 +10,7 @@ Layout of a checkpoint directory::
     <directory>/
       1000/                        a finalized step: Orbax writes 1000.orbax-checkpoint-tmp-<time>/ and renames
         state/                     it on commit, so a half-written step is never mistaken for a finished one
-        data_iterator/             the train state (OCDBT + zarr) and the iterator's files, one per process
+        data_iterator/             the train state (OCDBT + zarr) and the iterator's files (per data shard)
         _CHECKPOINT_METADATA
       2000/
       3000.corrupt/                a step that failed to restore, moved aside by `restore_latest_good`
@@ -46,10 +46,12 @@ class TreeMismatchError(ValueError):
 
 @runtime_checkable
 class DataIterator(Protocol):
-    """What the checkpointer needs of a data iterator: it writes and reads its own files at `path`.
+    """What the checkpointer needs of a data iterator: it writes and reads its own files in the directory `path`.
 
-    `path` is unique to the step and the process; the iterator may create a file there, a directory, or files
-    that start with it (`<path>.index`, `<path>.data-...`).
+    `path` is the step's data-iterator directory, which exists when `save` is called and which all processes
+    share: each process writes only files whose names say what they hold (e.g. `shard_<i>-of-<n>.*` for the data
+    shards it reads), so that a run on another number of processes finds what it needs. `restore` raises
+    FileNotFoundError when the state it needs is not there.
     """
 
     def save(self, path: str) -> None: ...
@@ -61,12 +63,8 @@ class DataIterator(Protocol):
 # The data iterator as an Orbax item, so that it is committed atomically with the train state.
 
 
-def _iterator_file_name() -> str:
-    return f"process_{jax.process_index():05d}-of-{jax.process_count():05d}"
-
-
 class DataIteratorCheckpointHandler(ocp.CheckpointHandler):
-    """Saves and restores a `DataIterator` inside a step directory, one file (or file prefix) per process.
+    """Saves and restores a `DataIterator` inside a step directory; every process writes its own files there.
 
     The save is synchronous: it runs in the blocking part of an async save, so the position recorded is the
     one at the moment `Checkpointer.save` was called; the directory is renamed into place with the rest of the
@@ -74,18 +72,10 @@ class DataIteratorCheckpointHandler(ocp.CheckpointHandler):
     """
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
-        args.iterator.save(str(directory / _iterator_file_name()))
+        args.iterator.save(str(directory))
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> DataIterator:
-        name = _iterator_file_name()
-        entries = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-        if not any(entry.startswith(name) for entry in entries):
-            raise FileNotFoundError(
-                f"No data iterator state for this process at {directory / name}: the directory holds {entries}. "
-                "Each process restores the file its own index wrote, so restore with as many processes as saved "
-                f"({jax.process_count()} now)."
-            )
-        args.iterator.restore(str(directory / name))
+        args.iterator.restore(str(directory))
         return args.iterator
 
 

@@ -1,4 +1,4 @@
-"""EncoderDecoderModel: the T5 network plus its loss, scoring and (later) decoding.
+"""EncoderDecoderModel: the T5 network plus its loss, scoring and decoding.
 
 The model is plain Python over a Flax module: it owns no optimizer, mesh or files. Batches are dicts of
 int32[batch, length] arrays with seqio's EncDecFeatureConverter names: `encoder_input_tokens`,
@@ -7,12 +7,14 @@ int32[batch, length] arrays with seqio's EncDecFeatureConverter names: `encoder_
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 
-from t5x_lite import losses, network
+from t5x_lite import decoding, losses, network
 
 Batch = Mapping[str, jax.Array]
 
@@ -104,3 +106,91 @@ class EncoderDecoderModel:
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token_log_probs = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
         return jnp.sum(token_log_probs * self.loss_weights(batch), axis=-1)
+
+    def score_batch(self, params: Any, batch: Batch) -> jax.Array:
+        """T5X's name for `score`: summed log-likelihood of each example's targets, float32[batch]."""
+        return self.score(params, batch)
+
+    def predict_batch(
+        self,
+        params: Any,
+        batch: Batch,
+        *,
+        rng: jax.Array | None = None,
+        eos_id: int = 1,
+        return_scores: bool = False,
+        return_all_decodes: bool = False,
+        **decoding_kwargs,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Decodes the targets of a batch: encode once, then one cached decoder step per token.
+
+        Args:
+          params: the parameters (unboxed).
+          batch: needs `encoder_input_tokens` int32[batch, input_length], and `decoder_target_tokens` (or
+            `decoder_input_tokens`) int32[batch, targets_length] unless max_decode_length is given.
+          rng: PRNG key for sampling.
+          eos_id: the vocabulary's end-of-sequence id.
+          return_scores: also return the scores (log-likelihood; divided by the length penalty for beams).
+          return_all_decodes: return every sample / beam (best beam first) rather than the first / best.
+          **decoding_kwargs: the fields of `decoding.DecodingConfig`: decoder ('greedy', 'sample',
+            'beam_search'), max_decode_length, num_beams, alpha, temperature, topk, topp, num_decodes.
+
+        Returns:
+          tokens int32[batch, max_decode_length] (or [batch, decodes, max_decode_length] with
+          return_all_decodes), 0 after EOS; with return_scores also scores float32[batch] (or [batch, decodes]).
+        """
+        config = decoding.DecodingConfig(**decoding_kwargs)
+        encoder_tokens = batch["encoder_input_tokens"]
+        max_length = config.max_decode_length
+        if max_length is None:
+            targets = batch.get("decoder_target_tokens", batch.get("decoder_input_tokens"))
+            if targets is None:
+                raise ValueError("predict_batch needs max_decode_length, or decoder_target_tokens in the batch to "
+                                 f"take it from; the batch has {sorted(batch)}")
+            max_length = targets.shape[1]
+
+        # Remat only matters for gradients; the cache is the same with or without it.
+        module = network.Transformer(dataclasses.replace(self.config, remat_policy="none"))
+        encoded = module.apply({"params": params}, encoder_tokens, method=module.encode)
+        # The prefill call: zero self-attention caches (index 0) and the projected encoder keys/values. Its logits
+        # are unused, so under jit XLA drops the rest of that pass.
+        _, variables = module.apply(
+            {"params": params}, encoded, encoder_tokens, jnp.zeros((encoder_tokens.shape[0], max_length), jnp.int32),
+            decode=True, max_decode_length=max_length, method=module.decode, mutable=["cache"],
+        )
+
+        # The cross-attention keys/values never change while decoding and are the same for every sample or beam
+        # of an example: keep them (repeated once for the rows) out of the loop's state, so that beam search
+        # neither copies nor reorders them at each step. The loop carries only the self-attention caches.
+        batch_axis = 1 if self.config.scan_layers else 0
+        rows = config.num_outputs
+        flat_cache = flax.traverse_util.flatten_dict(variables["cache"])
+        constant = {path: jnp.repeat(value, rows, axis=batch_axis) for path, value in flat_cache.items()
+                    if "encoder_decoder_attention" in path}
+        loop_cache = flax.traverse_util.unflatten_dict({p: v for p, v in flat_cache.items() if p not in constant})
+        encoder_tokens_rows = jnp.repeat(encoder_tokens, rows, axis=0)  # for the cross-attention mask
+
+        def tokens_to_logits(tokens, cache):
+            cache = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(cache), **constant})
+            logits, updated = module.apply(
+                {"params": params, "cache": cache}, None, encoder_tokens_rows, tokens,
+                decode=True, max_decode_length=max_length, method=module.decode, mutable=["cache"],
+            )
+            updated = flax.traverse_util.flatten_dict(updated["cache"])
+            return logits[:, 0], flax.traverse_util.unflatten_dict({p: updated[p] for p in updated if p not in constant})
+
+        common = dict(max_decode_length=max_length, eos_id=eos_id, cache_batch_axis=batch_axis)
+        if config.decoder == "beam_search":
+            tokens, scores = decoding.beam_search(
+                loop_cache, tokens_to_logits, beam_size=config.num_beams, alpha=config.alpha, **common
+            )
+        else:
+            tokens, scores = decoding.temperature_sample(
+                loop_cache, tokens_to_logits, rng=rng,
+                temperature=0.0 if config.decoder == "greedy" else config.temperature,
+                topk=config.topk, topp=config.topp,
+                num_decodes=config.num_decodes if config.decoder == "sample" else 1, **common,
+            )
+        if not return_all_decodes:
+            tokens, scores = tokens[:, 0], scores[:, 0]
+        return (tokens, scores) if return_scores else tokens

@@ -11,6 +11,7 @@ sharding), `checkpoints/`, TensorBoard summaries under `train/` and `eval/`, and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as std_logging
 import os
@@ -26,7 +27,9 @@ import tensorflow as tf
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from t5x_lite import checkpoints, data, gin_utils, models, optimizers, partitioning, trainer as trainer_lib
+from t5x_lite import eval as eval_lib
+
+from t5x_lite import checkpoints, data, distributed, gin_utils, models, optimizers, partitioning, trainer as trainer_lib
 
 REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "BATCH_SIZE")
 OPTIONAL_MACROS = ("INITIAL_CHECKPOINT_PATH",)
@@ -69,7 +72,7 @@ def write_model_info(path: str, trainer: trainer_lib.Trainer) -> None:
 
 def evaluate(trainer: trainer_lib.Trainer, params: Any, eval_cfg: data.DatasetConfig, eval_steps: int | None) -> dict[str, float]:
     """Teacher-forced loss and token accuracy over (up to eval_steps batches of) the eval split."""
-    iterator = data.GlobalBatchIterator(eval_cfg.dataset(repeat=False), trainer.partitioner.batch_sharding)
+    iterator = data.GlobalBatchIterator.from_config(eval_cfg, trainer.partitioner.batch_sharding, repeat=False)
     sums = []
     for i, batch in enumerate(iterator):
         if eval_steps is not None and i >= eval_steps:
@@ -97,24 +100,39 @@ def train(
     eval_dataset_cfg: data.DatasetConfig | None = None,
     eval_period: int | None = None,
     eval_steps: int | None = None,
+    infer_eval_dataset_cfg: data.DatasetConfig | None = None,
+    inference_evaluator_cls: Callable[..., eval_lib.InferenceEvaluator] = eval_lib.InferenceEvaluator,
     initial_checkpoint_path: str | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> trainer_lib.TrainState:
-    """Trains until `total_steps` (counted from the start of this MODEL_DIR's run); returns the final state."""
+    """Trains until `total_steps` (counted from the start of this MODEL_DIR's run); returns the final state.
+
+    `seed` None: process 0 draws one and broadcasts it to all processes (it also orders the data when the data
+    config's seed is None too)."""
     is_chief = jax.process_index() == 0
     tf.io.gfile.makedirs(model_dir)
     if is_chief:
         with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
 
+    drawn = seed is None
+    seed = distributed.same_seed_on_all_processes(seed)
+    if drawn and train_dataset_cfg.seed is None:  # SEED = None: one drawn seed for the data order too
+        train_dataset_cfg = dataclasses.replace(train_dataset_cfg, seed=seed)
     # Everything that can fail on bad input happens before the first compile.
-    train_dataset = train_dataset_cfg.dataset(repeat=True)
+    iterator = data.GlobalBatchIterator.from_config(train_dataset_cfg, partitioner.batch_sharding, repeat=True)
     trainer = trainer_lib.Trainer(
         model, partitioner, optimizer, num_microbatches=num_microbatches, learning_rate_fn=learning_rate_fn, seed=seed
     )
     if is_chief:
         write_model_info(os.path.join(model_dir, "model-info.txt"), trainer)
-    iterator = data.GlobalBatchIterator(train_dataset, partitioner.batch_sharding)
+    # T5X's infer_eval: every eval_period steps, decode and score the tasks of infer_eval_dataset_cfg through
+    # seqio.Evaluator, writing into MODEL_DIR/inference_eval.
+    inference_evaluator = None
+    if infer_eval_dataset_cfg is not None:
+        inference_evaluator = inference_evaluator_cls(
+            infer_eval_dataset_cfg, model, partitioner, os.path.join(model_dir, "inference_eval")
+        )
     checkpointer = checkpoints.Checkpointer(
         os.path.join(model_dir, "checkpoints"),
         save_interval_steps=checkpoint_period,
@@ -163,10 +181,14 @@ def train(
             eval_metrics = evaluate(trainer, state.params, eval_dataset_cfg, eval_steps)
             eval_writer.write(step, eval_metrics)
             logging.info("step %d eval: %s", step, eval_metrics)
+        if inference_evaluator is not None and eval_period and (step % eval_period == 0 or step == total_steps):
+            inference_evaluator.evaluate(state.params, step)
     progress.close()
     if checkpointer.latest_step() != step:
         checkpointer.save(step, state.as_dict(), iterator, force=True)
     checkpointer.close()
+    if inference_evaluator is not None:
+        inference_evaluator.close()
     train_writer.close()
     if eval_writer is not None:
         eval_writer.close()
@@ -178,10 +200,12 @@ def train(
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    distributed.initialize_from_flags()  # before anything touches a device
     flags_ = flags.FLAGS
     gin_utils.parse(flags_.gin_file, flags_.gin_bindings, flags_.gin_search_paths)
     gin_utils.check_required_macros(REQUIRED_MACROS, optional=OPTIONAL_MACROS)
     gin.finalize()
+    distributed.check_same_on_all_processes(gin.config_str(), "gin config")
     gin.get_configurable(train)()
 
 
@@ -206,6 +230,7 @@ def run_from_command_line() -> None:
     flags.DEFINE_multi_string("gin_file", [], "gin files to parse, in order")
     flags.DEFINE_multi_string("gin_bindings", [], "individual gin bindings, applied after the files")
     flags.DEFINE_multi_string("gin_search_paths", [], "extra folders in which to look for gin files and includes")
+    distributed.define_flags()
     app.run(main, argv=gin_utils.rewrite_gin_shorthand(sys.argv))
 
 

@@ -63,7 +63,9 @@ def assert_trees_equal(actual, expected):
 
 
 class CountingIterator:
-    """A fake data iterator: yields 0, 1, 2, ... and saves its position to a JSON file."""
+    """A fake data iterator: yields 0, 1, 2, ... and saves its position to a JSON file named by its process."""
+
+    FILE_NAME = "position_0.json"
 
     def __init__(self):
         self.position = 0
@@ -73,11 +75,11 @@ class CountingIterator:
         return self.position - 1
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
+        with open(os.path.join(path, self.FILE_NAME), "w") as f:
             json.dump({"position": self.position}, f)
 
     def restore(self, path: str) -> None:
-        with open(path) as f:
+        with open(os.path.join(path, self.FILE_NAME)) as f:  # FileNotFoundError when missing
             self.position = json.load(f)["position"]
 
 
@@ -180,7 +182,7 @@ def test_data_iterator_state_saved_and_restored_with_state(tmp_path, mesh):
             next(iterator)
             checkpointer.save(step, state, iterator)
         checkpointer.wait_until_finished()
-    assert "process_00000-of-00001" in os.listdir(tmp_path / "4" / "data_iterator")
+    assert CountingIterator.FILE_NAME in os.listdir(tmp_path / "4" / "data_iterator")
 
     resumed = CountingIterator()
     with checkpoints.Checkpointer(str(tmp_path), save_interval_steps=2) as checkpointer:
@@ -244,7 +246,7 @@ def _garble_metadata(step_dir):
 
 
 def _delete_iterator_file(step_dir):
-    os.remove(step_dir / "data_iterator" / "process_00000-of-00001")
+    os.remove(step_dir / "data_iterator" / CountingIterator.FILE_NAME)
 
 
 # Orbax occasionally reports an "Event loop is closed" from a tensorstore read that completes after a failed
