@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5x_lite.partitioning import path_names
+
 logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
@@ -96,15 +98,7 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 def _path_str(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return "/".join(path_names(path))
 
 
 def _listing(items: list[str]) -> str:

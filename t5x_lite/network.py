@@ -134,6 +134,18 @@ def _run_stack(module: nn.Module, layer_cls, num_layers: int, x: Array, *args, *
     return x
 
 
+def _relative_position_bias(cfg: T5Config, *, bidirectional: bool) -> layers.RelativePositionBias:
+    """The stack's one bias table, shared by its layers (bidirectional in the encoder, causal in the decoder)."""
+    return layers.RelativePositionBias(
+        cfg.relative_attention_num_buckets,
+        cfg.relative_attention_max_distance,
+        cfg.num_heads,
+        bidirectional=bidirectional,
+        dtype=cfg.activation_dtype,
+        name="relpos_bias",
+    )
+
+
 def _positions(tokens: Array, positions: Array | None) -> Array:
     if positions is not None:
         return positions
@@ -156,14 +168,7 @@ class Encoder(nn.Module):
             None if segment_ids is None else layers.segment_mask(segment_ids, segment_ids),
         )
         pos = _positions(tokens, positions)
-        position_bias = layers.RelativePositionBias(
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            cfg.num_heads,
-            bidirectional=True,
-            dtype=dtype,
-            name="relpos_bias",
-        )(pos, pos)
+        position_bias = _relative_position_bias(cfg, bidirectional=True)(pos, pos)
         bias = layers.mask_to_bias(mask, dtype) + position_bias
         x = _run_stack(self, EncoderLayer, cfg.num_encoder_layers, x, bias, deterministic=deterministic)
         x = layers.RMSNorm(dtype=dtype, name="encoder_norm")(x)
@@ -192,14 +197,7 @@ class Decoder(nn.Module):
         cfg, dtype = self.config, self.config.activation_dtype
         y = self.embedder(decoder_input_tokens)
         y = layers.constrain(_dropout(cfg)(y, deterministic=deterministic), ("batch", "length", "embed"))
-        relpos = layers.RelativePositionBias(
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            cfg.num_heads,
-            bidirectional=False,
-            dtype=dtype,
-            name="relpos_bias",
-        )
+        relpos = _relative_position_bias(cfg, bidirectional=False)
         encoder_valid = encoder_input_tokens > 0
         if decode and decoder_input_tokens.shape[1] == 1 and max_decode_length:
             # One decode step: the self-attention takes the current row of this full-cache bias.

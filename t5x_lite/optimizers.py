@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite.partitioning import is_logical_axes
+from t5x_lite.partitioning import is_logical_axes, path_names
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -198,16 +198,6 @@ def build(optimizer_fn: Callable[..., optax.GradientTransformation], logical_axe
     if "logical_axes" in inspect.signature(optimizer_fn).parameters:
         return optimizer_fn(logical_axes=logical_axes)
     return optimizer_fn()
-
-
-def path_names(path) -> tuple[str, ...]:
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-    return tuple(names)
 
 
 def state_logical_axes(abstract_state: Any, abstract_params: Any, params_logical_axes: Any) -> Any:

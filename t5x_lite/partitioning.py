@@ -24,6 +24,19 @@ LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 MESH_AXES = ("data", "model")
 
 
+def path_names(path) -> tuple[str, ...]:
+    """A pytree key path as plain names: (DictKey('encoder'), GetAttrKey('v_row'), SequenceKey(0)) -> ('encoder', 'v_row', '0')."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
 def is_logical_axes(x: Any) -> bool:
     """A leaf of a logical-axes tree: None (replicated) or a plain tuple of axis names."""
     return x is None or (type(x) is tuple and all(isinstance(name, str) or name is None for name in x))

@@ -141,7 +141,7 @@ class Trainer:
         flat = jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]
         axes = jax.tree.leaves(self.params_logical_axes, is_leaf=partitioning.is_logical_axes)
         for (path, leaf), logical in zip(flat, axes):
-            name = "/".join(optimizers.path_names(path))
+            name = "/".join(partitioning.path_names(path))
             rows.append((name, tuple(leaf.shape), logical, str(self.partitioner.mesh_axes(logical))))
         total = sum(math.prod(r[1]) for r in rows)
         return rows, total
