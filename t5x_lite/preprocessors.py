@@ -289,8 +289,13 @@ def find_salient_spans(text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def salient_span_masking(dataset: tf.data.Dataset, prefix: str = "nem: ", mask: str = "_X_",
                          offsets_unit: str = "BYTE", text_key: str = "text",
-                         spans_key: str = "spans") -> tf.data.Dataset:
+                         spans_key: str = "spans", mask_all: bool = False) -> tf.data.Dataset:
     """One example per salient span: inputs = prefix + the text with that span replaced by `mask`, targets = the span.
+
+    With `mask_all`, one example per text instead, every span masked at once: inputs = prefix + the text with each
+    span replaced by `mask`, targets = "<mask> span_1 <mask> span_2 ..." in text order (as T5's span corruption
+    puts a sentinel before each span). Then no other unmasked value of the text can point to the answer; only
+    what the text says of its subject (a name, say) can.
 
     The spans come from the data when its examples have them, {spans_key: {"start": int[spans], "limit":
     int[spans]}} (as TFDS salient_span_wikipedia gives; offsets in `offsets_unit`, "BYTE" or "UTF8_CHAR"), else
@@ -312,8 +317,19 @@ def salient_span_masking(dataset: tf.data.Dataset, prefix: str = "nem: ", mask: 
         else:
             (starts, limits), unit = find_salient_spans(text), "BYTE"
         texts = tf.fill(tf.shape(starts), text)
-        before = tf.strings.substr(texts, tf.zeros_like(starts), starts, unit=unit)
         span = tf.strings.substr(texts, starts, limits - starts, unit=unit)
+        if mask_all:
+            order = tf.argsort(starts)
+            starts, limits, span = (tf.gather(x, order) for x in (starts, limits, span))
+            gap_starts = tf.concat([[0], limits], axis=0)[:-1]
+            gaps = tf.strings.substr(texts, gap_starts, starts - gap_starts, unit=unit)
+            tail_start = tf.reduce_max(tf.concat([[0], limits], axis=0))
+            tail = tf.strings.substr(text, tail_start, tf.strings.length(text, unit=unit) - tail_start, unit=unit)
+            inputs = tf.strings.join([prefix, tf.strings.reduce_join(gaps + mask), tail])
+            targets = tf.strings.reduce_join(tf.strings.join([mask, span], separator=" "), separator=" ")
+            copies = tf.minimum(tf.size(starts), 1)  # a text without spans gives no example
+            return {"inputs": tf.repeat(inputs[tf.newaxis], copies), "targets": tf.repeat(targets[tf.newaxis], copies)}
+        before = tf.strings.substr(texts, tf.zeros_like(starts), starts, unit=unit)
         after = tf.strings.substr(texts, limits, tf.strings.length(texts, unit=unit) - limits, unit=unit)
         return {"inputs": tf.strings.join([prefix, before, mask, after]), "targets": span}
 
@@ -335,3 +351,4 @@ def closed_book_qa(dataset: tf.data.Dataset, prefix: str) -> tf.data.Dataset:
         }
 
     return dataset.map(format_example, num_parallel_calls=tf.data.AUTOTUNE)
+

@@ -214,6 +214,21 @@ def test_salient_spans_from_the_data():
                    {"inputs": b"nem: H\xc3\xa9llo W\xc3\xb6rld in _X_", "targets": b"Paris"}]
 
 
+def test_salient_span_masking_all_spans_at_once():
+    # spans given out of text order, offsets in characters of a non-ASCII text
+    dataset = tf.data.Dataset.from_tensor_slices({
+        "text": ["Héllo Wörld in Paris.", "no spans"],
+        "spans": {"start": tf.ragged.constant([[15, 6], []]), "limit": tf.ragged.constant([[20, 11], []])},
+    })
+    got = list(preprocessors.salient_span_masking(dataset, offsets_unit="UTF8_CHAR", mask_all=True).as_numpy_iterator())
+    assert got == [{"inputs": "nem: Héllo _X_ in _X_.".encode(), "targets": "_X_ Wörld _X_ Paris".encode()}]
+    found = list(preprocessors.salient_span_masking(
+        tf.data.Dataset.from_tensor_slices({"text": ["Ann met Bob Smith in 1990 at Oxford", "nothing here."]}),
+        mask_all=True, mask="_M_").as_numpy_iterator())
+    # the finder's spans here: "Bob Smith" and "1990"
+    assert found == [{"inputs": b"nem: Ann met _M_ in _M_ at Oxford", "targets": b"_M_ Bob Smith _M_ 1990"}]
+
+
 def test_salient_span_finder():
     text = ("On February 3, 1959, Buddy Holly and The Big Bopper died near Clear Lake; 3 people and 1,000 fans. "
             "In the 1990s Mary-Kate Olsen visited the Bank of England on 2001-09-11, and on 4th of July 1776.")
