@@ -319,10 +319,12 @@ def register_bios_tasks(
 
         {prefix}_span_corruption   T5's span corruption of every biography (needs inputs/targets lengths that
                                    go together, e.g. 128/29)
-        {prefix}_ssm               salient span masking: one example per attribute value of each biography
+        {prefix}_ssm               salient span masking: one example per biography with all its attribute values
+                                   masked (targets "_X_ value _X_ value ..."; ~45 tokens, so targets length 64)
         {prefix}_cbqa              "question: <q>" -> the answer; splits "train" (set A), "validation" (set B)
                                    and "validation_a" (set A, to see that fine-tuning was learnt)
         {prefix}_pretrain_ssm_qa   a mixture: SSM over everyone plus set A's QA pairs (1 in 4 examples)
+        {prefix}_pretrain_span_corruption_qa   the same with span corruption in place of SSM
     """
     kb_args = (num_people, seed, num_renderings)
     vocab_path = os.path.join(
@@ -371,7 +373,7 @@ def register_bios_tasks(
         source=seqio.FunctionDataSource(biographies, splits=["train"], num_input_examples={"train": num_bios}),
         preprocessors=[
             functools.partial(preprocessors.salient_span_masking, prefix=SSM_PREFIX, mask=SSM_MASK,
-                              offsets_unit="UTF8_CHAR"),
+                              offsets_unit="UTF8_CHAR", mask_all=True),
             seqio.preprocessors.tokenize,
             seqio.CacheDatasetPlaceholder(),
             seqio.preprocessors.append_eos_after_trim,
@@ -395,6 +397,9 @@ def register_bios_tasks(
         metric_fns=[metrics.squad],
     )
     seqio.MixtureRegistry.add(f"{prefix}_pretrain_ssm_qa", [(f"{prefix}_ssm", 3.0), (f"{prefix}_cbqa", 1.0)])
+    seqio.MixtureRegistry.add(
+        f"{prefix}_pretrain_span_corruption_qa", [(f"{prefix}_span_corruption", 3.0), (f"{prefix}_cbqa", 1.0)]
+    )
 
 
 register_bios_tasks()

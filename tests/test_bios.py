@@ -72,12 +72,16 @@ def test_registered_tasks_read_the_knowledge_base(tmp_path, monkeypatch):
         assert names_in("validation") == {p.name for p in kb.set_b}
 
         ssm = seqio.get_mixture_or_task("bios_test_small_ssm")
-        examples = list(ssm.get_dataset({"inputs": 128, "targets": 16}, split="train", shuffle=False).as_numpy_iterator())
-        assert len(examples) == 20 * 5 * len(bios.ATTRIBUTES)  # one per attribute value of every biography
-        first = vocabulary.decode(examples[0]["inputs"].tolist())
-        assert first.startswith("nem: ") and "_X_" in first
+        examples = list(ssm.get_dataset({"inputs": 128, "targets": 64}, split="train", shuffle=False).as_numpy_iterator())
+        assert len(examples) == 20 * 5  # one per biography, every attribute value masked
+        first, first_targets = (vocabulary.decode(examples[0][key].tolist()) for key in ("inputs", "targets"))
+        assert first.startswith("nem: ") and first.count("_X_") == len(bios.ATTRIBUTES)
+        biography = kb.biographies[0]
+        values = sorted(bios.ATTRIBUTES, key=lambda attribute: biography.spans[attribute][0])
+        assert first_targets == " ".join(f"_X_ {biography.text[slice(*biography.spans[a])]}" for a in values)
         assert (tmp_path / "bios").is_dir(), "the vocabulary is trained into the cache folder"
     finally:
         for name in ("cbqa", "ssm", "span_corruption"):
             seqio.TaskRegistry.remove(f"bios_test_small_{name}")
-        seqio.MixtureRegistry.remove("bios_test_small_pretrain_ssm_qa")
+        for mixture in ("pretrain_ssm_qa", "pretrain_span_corruption_qa"):
+            seqio.MixtureRegistry.remove(f"bios_test_small_{mixture}")
