@@ -5,7 +5,8 @@ r"""A complete experiment in one gin file: pre-train, fine-tune, evaluate; then 
 The closed-book QA recipe in miniature (`make demo` runs it on the built-in knowledge base): pre-train on a
 mixture (e.g. salient span masking of every biography plus set A's questions), fine-tune on set A's
 questions, and measure exact match on the questions of set A and of set B (people the model only read
-about). Each stage writes into its own folder of MODEL_DIR (pretrain/, finetune/, eval/) and resumes from
+about), after pre-training and after fine-tuning. Each stage writes into its own folder of MODEL_DIR
+(pretrain/, finetune/, eval/<stage>/<split>/) and resumes from
 its checkpoints when the experiment is started again; a finished stage is not repeated.
 """
 from __future__ import annotations
@@ -41,8 +42,10 @@ def _loss_curve(model_dir: str) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def plot(path: str, stages: Mapping[str, str], scores: Mapping[str, Mapping[str, float]]) -> None:
-    """Loss curves of the training stages and exact match per evaluation, side by side, as a PNG."""
+def plot(path: str, stages: Mapping[str, str], scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+    """Loss curves of the training stages and exact match per question set after each stage, as a PNG.
+
+    `scores` maps an evaluation (e.g. "after fine-tuning") to {question set: {"em": ..., ...}}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,13 +61,18 @@ def plot(path: str, stages: Mapping[str, str], scores: Mapping[str, Mapping[str,
     losses.set_ylabel("training loss per target token")
     losses.set_yscale("log")
     losses.legend()
-    labels = list(scores)
-    bars.bar(labels, [scores[k]["em"] for k in labels], color=["tab:blue", "tab:orange"] * len(labels))
+    labels = list(next(iter(scores.values())))
+    width = 0.8 / len(scores)
+    for i, (stage, by_label) in enumerate(scores.items()):
+        positions = [j + (i - (len(scores) - 1) / 2) * width for j in range(len(labels))]
+        ems = [by_label[label]["em"] for label in labels]
+        bars.bar(positions, ems, width, label=stage)
+        for x, em in zip(positions, ems):
+            bars.text(x, em + 1, f"{em:.1f}", ha="center")
+    bars.set_xticks(range(len(labels)), [f"questions about {label}" for label in labels])
     bars.set_ylabel("exact match (%)")
-    bars.set_ylim(0, 100)
-    for i, label in enumerate(labels):
-        bars.text(i, scores[label]["em"] + 1, f"{scores[label]['em']:.1f}", ha="center")
-    bars.tick_params(axis="x", labelrotation=15)
+    bars.set_ylim(0, 105)
+    bars.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -120,26 +128,36 @@ def run(
         }
         return state
 
-    train_stage("pre-training", pretrain_dataset_cfg, pretrain_steps, pretrain_optimizer)
+    def evaluate(stage, state):
+        scores = {}
+        for split, label in zip(eval_splits, eval_split_names):
+            evaluator = eval_lib.InferenceEvaluator(
+                data.DatasetConfig(eval_task, None, split=split, batch_size=eval_batch_size, shuffle=False, pack=False),
+                model,
+                partitioner,
+                os.path.join(model_dir, "eval", stage, split),
+                decoding_config=decoding.DecodingConfig(max_decode_length=max_decode_length),
+                seed=seed,
+            )
+            results = evaluator.evaluate(state.params, int(jax.device_get(state.step)))
+            evaluator.close()
+            scores[label] = results[eval_task]
+        return scores
+
+    # Both stages are evaluated: fine-tuning on set A's questions can cost set B what pre-training gave it.
+    eval_seconds = 0.0
+    state = train_stage("pre-training", pretrain_dataset_cfg, pretrain_steps, pretrain_optimizer)
+    eval_start = time.time()
+    summary["eval"]["after pre-training"] = evaluate("pretrain", state)
+    eval_seconds += time.time() - eval_start
     state = train_stage(
         "fine-tuning", finetune_dataset_cfg, finetune_steps, finetune_optimizer,
         initial_checkpoint_path=os.path.join(stage_dirs["pre-training"], "checkpoints"),
     )
-
     eval_start = time.time()
-    for split, label in zip(eval_splits, eval_split_names):
-        evaluator = eval_lib.InferenceEvaluator(
-            data.DatasetConfig(eval_task, None, split=split, batch_size=eval_batch_size, shuffle=False, pack=False),
-            model,
-            partitioner,
-            os.path.join(model_dir, "eval", split),
-            decoding_config=decoding.DecodingConfig(max_decode_length=max_decode_length),
-            seed=seed,
-        )
-        results = evaluator.evaluate(state.params, int(jax.device_get(state.step)))
-        evaluator.close()
-        summary["eval"][label] = results[eval_task]
-    summary["stages"]["evaluation"] = {"seconds": time.time() - eval_start}
+    summary["eval"]["after fine-tuning"] = evaluate("finetune", state)
+    eval_seconds += time.time() - eval_start
+    summary["stages"]["evaluation"] = {"seconds": eval_seconds}
     summary["total_seconds"] = time.time() - start
 
     if jax.process_index() == 0:
@@ -161,9 +179,13 @@ def format_summary(summary: Mapping[str, Any], model_dir: str) -> str:
         else:
             lines.append(f"{name:<14}{'':>7}{stage['seconds']:>8.0f}s")
     lines.append("")
-    lines.append(f"{'questions about':<16}{'EM':>8}{'F1':>8}")
-    for label, metrics in summary["eval"].items():
-        lines.append(f"{label:<16}{metrics['em']:>8.1f}{metrics['f1']:>8.1f}")
+    stages = list(summary["eval"])
+    labels = list(summary["eval"][stages[0]])
+    lines.append(f"{'':<16}" + "".join(f"{stage:>18}" for stage in stages))
+    lines.append(f"{'questions about':<16}" + f"{'EM':>10}{'F1':>8}" * len(stages))
+    for label in labels:
+        lines.append(f"{label:<16}" + "".join(
+            f"{summary['eval'][stage][label]['em']:>10.1f}{summary['eval'][stage][label]['f1']:>8.1f}" for stage in stages))
     lines.append("")
     lines.append(f"total {summary['total_seconds']:.0f} s; TensorBoard logs, summary.json and demo.png in {model_dir}")
     return "\n".join(lines)
