@@ -23,8 +23,11 @@ test: install
 demo: install
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m t5x_lite.experiment --gin_file=gin/experiments/bios_demo.gin --verbosity=-1
 
+# Extra flags, e.g. make bench BENCH_ARGS="--against hf --data_throughput" (--against hf needs the bench extra:
+# $(PY) -m pip install -c constraints.txt -e '.[bench]').
+BENCH_ARGS ?=
 bench: install
-	$(PY) scripts/benchmark.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114
+	$(PY) scripts/benchmark.py --gin_file=gin/models/t5_1_1/small.gin --batch_size=8 --inputs_length=512 --targets_length=114 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

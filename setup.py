@@ -35,5 +35,8 @@ setuptools.setup(
         "test": ["pytest", "pytest-xdist", "hypothesis"],
         # JAX's CUDA 12 build; install on a GPU machine with `pip install -e '.[gpu]'`.
         "gpu": ["jax[cuda12]"],
+        # scripts/benchmark.py --against hf: transformers' T5 in PyTorch on the CPU. Only that script imports them.
+        # On a machine with a GPU, install torch's CPU build first (pip's default there is a CUDA build).
+        "bench": ["torch==2.13.0", "transformers"],
     },
 )

@@ -9,16 +9,25 @@ measured apart from the steps; each timed step waits for its result (`jax.block_
 model's FLOPs (t5x_lite.accounting: matmuls only, training = 3 x forward) per second over a peak that is either
 given (--peak_tflops, per device) or measured in the same run: the best rate of a jitted square matmul in the
 model's activation dtype, on the first device, times the number of devices in the mesh.
+
+`--against hf` also times Hugging Face transformers' T5ForConditionalGeneration (PyTorch, CPU) built from the same
+gin config, on the same shapes, in a process of its own (scripts/hf_benchmark.py; it needs the `bench` extra:
+pip install -c constraints.txt -e '.[bench]'), and reports t5x_lite's tokens/s over HF's. `--data_throughput` also
+times the input pipeline (scripts/data_throughput.py, in a process of its own: tensorflow and seqio stay out of this
+one) against the rows per second the train step consumes. Neither is imported unless asked for.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +38,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5x_lite import accounting, optimizers, partitioning, trainer  # noqa: E402
+from t5x_lite import accounting, network, optimizers, partitioning, trainer  # noqa: E402
 
 OPTIMIZERS = {"adafactor": optimizers.adafactor, "adamw": optimizers.adamw}
+# The HF side's optimizer for each JAX one (scripts/hf_benchmark.py describes them); Adafactor has two choices.
+HF_OPTIMIZERS = {"adafactor": ("torch", "transformers"), "adamw": ("adamw",)}
+HF_PACKAGES = ("torch", "transformers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,12 +63,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak_matmul_size", type=int, default=2048, help="n of the n x n x n peak matmul")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json_out", default=None, help="write the results here as JSON")
+    parser.add_argument("--against", choices=("hf",), default=None,
+                        help="hf: also time transformers' T5ForConditionalGeneration (PyTorch, CPU) on the same shapes")
+    parser.add_argument("--hf_optimizer", default=None,
+                        help="with --against hf: torch (torch.optim.Adafactor, the default) or transformers "
+                             "(transformers' Adafactor) for --optimizer=adafactor; adamw for --optimizer=adamw")
+    parser.add_argument("--hf_threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    parser.add_argument("--data_throughput", action="store_true",
+                        help="also time the input pipeline (scripts/data_throughput.py) against the train step")
+    parser.add_argument("--data_task", default="local_corpus_span_corruption", help="with --data_throughput")
+    parser.add_argument("--data_examples", type=int, default=2000, help="with --data_throughput: timed examples")
+    parser.add_argument("--data_batches", type=int, default=200, help="with --data_throughput: timed batches")
+    parser.add_argument("--data_warmup", type=int, default=500, help="with --data_throughput: untimed examples")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "inputs_length", "targets_length", "steps", "num_microbatches"):
+    for name in ("batch_size", "inputs_length", "targets_length", "steps", "num_microbatches", "data_examples",
+                 "data_batches"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name}={getattr(args, name)}; valid: >= 1")
-    if args.warmup < 0:
-        raise SystemExit(f"--warmup={args.warmup}; valid: >= 0")
+    for name in ("warmup", "data_warmup"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name}={getattr(args, name)}; valid: >= 0")
+    if args.against == "hf":
+        valid = HF_OPTIMIZERS[args.optimizer]
+        args.hf_optimizer = args.hf_optimizer or valid[0]
+        if args.hf_optimizer not in valid:
+            raise SystemExit(f"--hf_optimizer={args.hf_optimizer} with --optimizer={args.optimizer}; valid: "
+                             f"{', '.join(valid)}")
+        if args.hf_threads is not None and args.hf_threads < 1:
+            raise SystemExit(f"--hf_threads={args.hf_threads}; valid: >= 1")
+        # Checked before anything is compiled, without importing them.
+        missing = [name for name in HF_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise SystemExit(f"--against hf needs {' and '.join(missing)} (not installed): "
+                             "pip install -c constraints.txt -e '.[bench]'")
+    elif args.hf_optimizer is not None or args.hf_threads is not None:
+        raise SystemExit("--hf_optimizer and --hf_threads go with --against hf")
     return args
 
 
@@ -68,6 +109,35 @@ def build_model(gin_files, gin_bindings, dtype):
     if dtype and model.config.dtype != dtype:
         raise ValueError(f"--dtype={dtype} did not reach the model (its config has dtype={model.config.dtype!r})")
     return model
+
+
+def hf_t5_kwargs(config) -> dict:
+    """transformers.T5Config keyword arguments for the network of `config` (a t5x_lite network.T5Config).
+
+    T5.1.1: gated-GELU (`is_gated_act`; transformers' gelu_new is the tanh approximation, as the JAX MLP's
+    nn.gelu(approximate=True)), RMS norm epsilon 1e-6, untied output layer (`tie_word_embeddings` =
+    `logits_via_embedding`), dropout at the config's rate. scripts/hf_benchmark.build_model makes the model.
+    """
+    return {
+        "vocab_size": config.vocab_size,
+        "d_model": config.emb_dim,
+        "d_kv": config.head_dim,
+        "d_ff": config.mlp_dim,
+        "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers,
+        "num_heads": config.num_heads,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "dropout_rate": config.dropout_rate,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": config.logits_via_embedding,
+        "is_encoder_decoder": True,
+        "use_cache": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
 
 
 def synthetic_batch(batch_size, inputs_length, targets_length, vocab_size, sharding, seed):
@@ -225,6 +295,94 @@ def run(args) -> dict:
     }
 
 
+def _run_script(script, script_args, json_out):
+    """Runs scripts/<script> in a fresh interpreter (its output goes to ours) and returns (exit status, its JSON)."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "scripts", script), *script_args, f"--json_out={json_out}"]
+    sys.stdout.flush()
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ}  # tensorflow's start-up chatter, unless asked for
+    status = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=sys.stderr).returncode
+    if status or not os.path.exists(json_out):
+        return status or 1, None
+    with open(json_out) as f:
+        return 0, json.load(f)
+
+
+def compare_hf(args, report: dict) -> dict:
+    """Times transformers' T5ForConditionalGeneration on the JAX run's shapes (scripts/hf_benchmark.py, a process
+    of its own) and returns report["hf"]: its step times, tokens/s, MFU and t5x_lite's tokens/s over HF's."""
+    config = network.T5Config(**report["model"]["config"])
+    setup, results = report["setup"], report["results"]
+    spec = {
+        "hf_kwargs": hf_t5_kwargs(config),
+        "batch_size": setup["batch_size"],
+        "inputs_length": setup["inputs_length"],
+        "targets_length": setup["targets_length"],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "optimizer": args.hf_optimizer,
+        "dtype": config.dtype,
+        "threads": args.hf_threads or os.cpu_count(),
+        "expected_parameters": report["model"]["parameters"],
+        "peak_matmul_size": args.peak_matmul_size,
+    }
+    print(f"timing transformers' T5ForConditionalGeneration in its own process ({spec['threads']} threads) ...",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        status, hf = _run_script("hf_benchmark.py", [f"--spec={os.path.join(tmp, 'spec.json')}"],
+                                 os.path.join(tmp, "hf.json"))
+    if status:
+        raise SystemExit(f"scripts/hf_benchmark.py failed (exit status {status}): see its output above")
+    if hf["parameters"] != report["model"]["parameters"]:
+        raise SystemExit(f"HF T5 has {hf['parameters']:,} parameters, the JAX model {report['model']['parameters']:,}")
+    median, best = hf["step_seconds_median"], hf["step_seconds_min"]
+    flops = results["train_flops_per_step"]
+    tokens = setup["batch_size"] * (setup["inputs_length"] + setup["targets_length"])
+    # HF runs on this host's CPU: its MFU is against the JAX side's measured peak only when that is this CPU too
+    # (one simulated CPU device uses all the host's cores, so the per-device figure is the host's).
+    cpu_peak = (results["peak_tflops_per_second"] * 1e12 / setup["devices"]) if setup["platform"] == "cpu" else None
+    torch_peak = hf["torch_matmul_peak_tflops_per_second"] * 1e12
+    hf.update({
+        "spec": spec,
+        "seqs_per_second": setup["batch_size"] / median,
+        "tokens_per_second": tokens / median,
+        "target_tokens_per_second": setup["batch_size"] * setup["targets_length"] / median,
+        "train_flops_per_step": flops,
+        "achieved_tflops_per_second": flops / median / 1e12,
+        "peak_tflops_per_second": None if cpu_peak is None else cpu_peak / 1e12,
+        "mfu": None if cpu_peak is None else accounting.mfu(flops, median, cpu_peak),
+        "mfu_best_step": None if cpu_peak is None else accounting.mfu(flops, best, cpu_peak),
+        "mfu_vs_torch_matmul_peak": accounting.mfu(flops, median, torch_peak),
+        "t5x_lite_over_hf_tokens_per_second": results["tokens_per_second"] / (tokens / median),
+    })
+    return hf
+
+
+def compare_data_pipeline(args, report: dict) -> dict:
+    """Times the input pipeline (scripts/data_throughput.py, a process of its own, so that tensorflow and seqio stay
+    out of this one) at the run's lengths and batch size, and returns report["data_pipeline"]: packed rows per
+    second against the rows per second the train step consumes. {"skipped": why} without the local data."""
+    setup = report["setup"]
+    script_args = [
+        f"--task={args.data_task}", f"--inputs_length={setup['inputs_length']}",
+        f"--targets_length={setup['targets_length']}", f"--batch_size={setup['batch_size']}",
+        f"--examples={args.data_examples}", f"--batches={args.data_batches}", f"--warmup={args.data_warmup}",
+        "--skip_without_local_data",
+    ]
+    print(f"timing the input pipeline ({args.data_task}) in its own process ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        status, pipeline = _run_script("data_throughput.py", script_args, os.path.join(tmp, "data.json"))
+    if status:
+        raise SystemExit(f"scripts/data_throughput.py failed (exit status {status}): see its output above")
+    if "skipped" in pipeline:
+        return pipeline
+    model_rows = report["results"]["seqs_per_second"]
+    return {**pipeline, "model_rows_per_second": model_rows,
+            "pipeline_over_model": pipeline["packed_rows_per_second"] / model_rows}
+
+
 def _gib(n):
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -253,18 +411,61 @@ def format_table(report: dict) -> str:
         ("peak host memory (maxrss)", _gib(r["peak_host_memory_bytes"])),
         ("peak device memory", _gib(r["peak_device_memory_bytes"])),
     ]
+    hf = report.get("hf")
+    if hf:
+        peak = ("n/a (the JAX side is not on this CPU)" if hf["mfu"] is None
+                else f"{100 * hf['mfu']:.1f}% / {100 * hf['mfu_best_step']:.1f}% (against the peak above)")
+        rows += [
+            ("HF transformers", f"T5ForConditionalGeneration, torch {hf['torch_version']} (CPU, {hf['threads']} "
+                                f"threads), transformers {hf['transformers_version']}, its own process"),
+            ("HF parameters", f"{hf['parameters']:,} (= the JAX model's)"),
+            ("HF setup", f"train mode, dropout {hf['dropout_rate']}, {hf['dtype']}, "
+                         f"attention {hf['attention_implementation']}"),
+            ("HF optimizer", hf["optimizer"]),
+            ("HF warmup steps", ", ".join(f"{s:.2f} s" for s in hf["warmup_seconds_all"]) or "none"),
+            ("HF step time median / min", f"{hf['step_seconds_median'] * 1e3:.1f} / {hf['step_seconds_min'] * 1e3:.1f}"
+                                          f" ms over {len(hf['step_seconds_all'])} steps"),
+            ("HF sequences / s", f"{hf['seqs_per_second']:,.2f}"),
+            ("HF tokens / s (inputs + targets)", f"{hf['tokens_per_second']:,.0f}"),
+            ("HF achieved", f"{hf['achieved_tflops_per_second']:.3f} TFLOP/s"),
+            ("HF MFU median / best step", peak),
+            ("HF MFU vs torch's matmul peak", f"{100 * hf['mfu_vs_torch_matmul_peak']:.1f}% (peak "
+                                              f"{hf['torch_matmul_peak_tflops_per_second']:.3f} TFLOP/s: "
+                                              f"{hf['torch_matmul_peak_source']})"),
+            ("HF final loss", f"{hf['final_loss']:.4f}"),
+            ("HF peak host memory", f"{_gib(hf['peak_host_memory_bytes'])} (its own process's VmHWM; the JAX "
+                                    "figure above is the JAX process's alone)"),
+            ("t5x_lite / HF tokens/s", f"{hf['t5x_lite_over_hf_tokens_per_second']:.2f}x"),
+        ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    pipeline = report.get("data_pipeline")
+    if pipeline and "skipped" in pipeline:
+        lines.append(f"data pipeline: skipped: {pipeline['skipped']}")
+    elif pipeline:
+        lines.append(
+            f"data pipeline: {pipeline['packed_rows_per_second']:,.0f} examples/s ({pipeline['task']}, packed "
+            f"{pipeline['lengths']['inputs']}/{pipeline['lengths']['targets']} rows, batch {pipeline['batch_size']}; "
+            f"{pipeline['task_examples_per_second']:,.0f} task examples/s before packing) vs model consumes "
+            f"{pipeline['model_rows_per_second']:,.2f} examples/s: ratio {pipeline['pipeline_over_model']:,.1f}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
     report = run(args)
-    print(format_table(report))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    try:
+        if args.against == "hf":
+            report["hf"] = compare_hf(args, report)
+        if args.data_throughput:
+            report["data_pipeline"] = compare_data_pipeline(args, report)
+    finally:  # What was measured is printed and written also when a comparison fails.
+        print(format_table(report))
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
     return report
 
 
