@@ -184,3 +184,34 @@ def test_config_rejects_unknown_switches():
         network.T5Config(remat_policy="some")
     with pytest.raises(ValueError, match="dtype"):
         network.T5Config(dtype="float16")
+
+
+def test_fused_projections_equal_separate_layers():
+    """fused_dense (one matmul over stacked kernels) gives the separate Dense layers' outputs and gradients, and
+    keeps their parameter names (query/key/value, wi_0/wi_1): checkpoints do not change."""
+
+    class Separate(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return [layers.Dense(24, ("embed", "mlp"), name=n)(x) for n in ("a", "b", "c")]
+
+    class Fused(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.fused_dense(x, [layers.Dense(24, ("embed", "mlp"), name=n) for n in ("a", "b", "c")],
+                                      jnp.float32)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+    params = nn.unbox(Separate().init(jax.random.PRNGKey(0), x))
+    assert jax.tree.structure(params) == jax.tree.structure(nn.unbox(Fused().init(jax.random.PRNGKey(0), x)))
+    loss = lambda module: lambda p: sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(module.apply(p, x)))
+    for separate, fused in zip(Separate().apply(params, x), Fused().apply(params, x)):
+        np.testing.assert_allclose(fused, separate, rtol=1e-5, atol=1e-6)
+    separate_grads, fused_grads = jax.grad(loss(Separate()))(params), jax.grad(loss(Fused()))(params)
+    jax.tree.map(lambda f, s: np.testing.assert_allclose(f, s, rtol=1e-5, atol=1e-6), fused_grads, separate_grads)
+    names = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+    module = network.Transformer(TINY)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    param_names = names(jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(0), tokens, tokens))))
+    assert {"params/encoder/layers_0/attention/query/kernel", "params/encoder/layers_0/mlp/wi_1/kernel",
+            "params/decoder/layers_0/encoder_decoder_attention/value/kernel"} <= param_names, sorted(param_names)[:12]
