@@ -10,11 +10,14 @@ directory holding `checkpoints/`) whose every step is evaluated, oldest first; `
 keeps polling for newer steps (evaluation alongside training). Each task of the mixture is decoded and scored
 through `seqio.Evaluator` (its predict, predict_with_aux and score metrics), and EVAL_OUTPUT_DIR receives, per task:
 `<task>-metrics.jsonl` (one line of metrics per step), `<task>-<step:06>.jsonl` (each example's inputs and targets
-with its prediction or score) and TensorBoard summaries in `<task>/`.
+with its prediction or score) and TensorBoard summaries in `<task>/`; with `evaluate.summary_fn` (e.g. T0's median
+accuracy per dataset: gin/runs/t0_eval.gin) also `<mixture_or_task>-summary.jsonl`, a summary across tasks per step.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -151,6 +154,9 @@ class InferenceEvaluator:
       num_examples: evaluate only the first this many examples of each task.
       predictor: reuse this one (its model and partitioner) rather than building one.
       seed: of the sampling decoders (one key per batch).
+      summary_fn: a function of one step's {task: {metric: value}} that returns a JSON-serialisable summary across
+        tasks (e.g. tasks.t0.median_accuracy_by_dataset); process 0 appends {"step", **summary} to
+        `<mixture_or_task>-summary.jsonl`.
     """
 
     def __init__(
@@ -164,6 +170,7 @@ class InferenceEvaluator:
         num_examples: int | None = None,
         predictor: predictor_lib.Predictor | None = None,
         seed: int = 0,
+        summary_fn: Callable[[dict[str, dict[str, Any]]], dict[str, Any]] | None = None,
     ):
         self.tasks = eval_tasks(dataset_cfg.mixture_or_task_name, dataset_cfg.split,
                                 model_vocab_size=model.config.vocab_size)
@@ -174,9 +181,11 @@ class InferenceEvaluator:
         )
         self.predictor.check_batch_size(self.batch_size)
         self.seed = seed
+        self.summary_fn = summary_fn
+        self.summary_path = os.path.join(output_dir, f"{dataset_cfg.mixture_or_task_name}-summary.jsonl")
         data.keep_tensorflow_off_accelerators()
-        is_chief = jax.process_index() == 0
-        if is_chief:
+        self.is_chief = jax.process_index() == 0
+        if self.is_chief:
             tf.io.gfile.makedirs(output_dir)
         self.evaluator = seqio.Evaluator(
             dataset_cfg.mixture_or_task_name,
@@ -186,7 +195,7 @@ class InferenceEvaluator:
             seed=dataset_cfg.seed,
             sequence_length=None if dataset_cfg.task_feature_lengths is None else dict(dataset_cfg.task_feature_lengths),
             num_examples=num_examples,
-            logger_cls=(seqio.JSONLogger, seqio.TensorBoardLogger) if is_chief else (),
+            logger_cls=(seqio.JSONLogger, seqio.TensorBoardLogger) if self.is_chief else (),
             log_dir=output_dir,
             async_compute_metrics=False,
         )
@@ -203,6 +212,16 @@ class InferenceEvaluator:
         results = metrics.result()
         for task, task_metrics in results.items():
             logging.info("step %d %s: %s", step, task, task_metrics)
+        if self.summary_fn is not None:
+            summary = self.summary_fn(results)
+            logging.info("step %d summary: %s", step, summary)
+            if self.is_chief:  # rewritten whole, as seqio's JSONLogger does: object stores cannot append
+                earlier = ""
+                if tf.io.gfile.exists(self.summary_path):
+                    with tf.io.gfile.GFile(self.summary_path) as f:
+                        earlier = f.read()
+                with tf.io.gfile.GFile(self.summary_path, "w") as f:
+                    f.write(earlier + json.dumps({"step": step, **summary}) + "\n")
         return results
 
     def close(self) -> None:
@@ -246,6 +265,7 @@ def evaluate(
     wait_for_new_checkpoints_secs: float | None = None,
     poll_interval_secs: float = 10.0,
     seed: int = 0,
+    summary_fn: Callable[[dict[str, dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> dict[int, dict[str, dict[str, Any]]]:
     """Evaluates the checkpoint(s) at `checkpoint_path`; returns {step: {task: {metric: value}}}.
 
@@ -265,7 +285,8 @@ def evaluate(
     first_step, first_directory = steps[0]
     params = restore_params(predictor, first_directory)
     evaluator = InferenceEvaluator(
-        dataset_cfg, model, partitioner, output_dir, num_examples=num_examples, predictor=predictor, seed=seed
+        dataset_cfg, model, partitioner, output_dir, num_examples=num_examples, predictor=predictor, seed=seed,
+        summary_fn=summary_fn,
     )
 
     results: dict[int, dict[str, dict[str, Any]]] = {}

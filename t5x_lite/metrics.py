@@ -1,4 +1,5 @@
-"""Evaluation metrics, as seqio metric functions `metric_fn(targets, predictions) -> {name: float}`.
+"""Evaluation metrics, as seqio metric functions `metric_fn(targets, predictions) -> {name: float}` (or
+`metric_fn(targets, scores)` for metrics of log-likelihood scores).
 
 Closed-book QA: exact match and token F1, each the maximum over a question's gold answers and averaged over the
 questions, reported x100, after one of two normalisations:
@@ -8,6 +9,10 @@ questions, reported x100, after one of two normalisations:
 
 so "Mary-Kate Olsen" against "mary kate olsen" scores SQuAD EM 0 and F1 40 ("marykate olsen"), TriviaQA EM 100.
 A task's targets carry all of a question's answers through `qa_postprocessor`.
+
+Classification: `accuracy` (x100) of predictions equal to their targets; `rank_classification` (x100) of examples
+whose best-scored answer choice is correct, each choice a row scored by the log-likelihood of its targets (T0's
+zero-shot evaluation), the rows' targets made by `rank_classification_postprocessor`.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import collections
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -95,3 +100,70 @@ def qa_postprocessor(output: str, example: Mapping[str, Any] | None = None, is_t
             raise ValueError("qa_postprocessor needs the example's 'answers' feature to postprocess a target.")
         return [_text(answer) for answer in example["answers"]]
     return output
+
+
+def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """{"accuracy"} x100: the share of predictions equal to their target (after stripping whitespace)."""
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions.")
+    if not targets:
+        raise ValueError("No predictions to score.")
+    return {"accuracy": 100 * sum(t.strip() == p.strip() for t, p in zip(targets, predictions)) / len(targets)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rank classification: each answer choice of an example is one scored row (preprocessors.rank_classification)
+
+
+class ScoredChoice(NamedTuple):
+    """What rank classification needs of one row: which example and choice it is, and whether it is correct."""
+
+    example: int
+    choice: int
+    num_choices: int
+    is_correct: bool
+
+
+def rank_classification_postprocessor(output: Any, example: Mapping[str, Any] | None = None,
+                                      is_target: bool = False):
+    """A seqio postprocess_fn: a target becomes its row's `ScoredChoice` (from the `idx`, `num_choices` and
+    `is_correct` features); a prediction stays as it is."""
+    if not is_target:
+        return output
+    if example is None or not {"idx", "num_choices", "is_correct"} <= set(example):
+        raise ValueError("rank_classification_postprocessor needs the example's 'idx', 'num_choices' and "
+                         "'is_correct' features (preprocessors.rank_classification makes them).")
+    example_index, choice_index = (int(i) for i in example["idx"])
+    return ScoredChoice(example_index, choice_index, int(example["num_choices"]), bool(example["is_correct"]))
+
+
+def rank_classification(targets: Sequence[ScoredChoice], scores: Sequence[float]) -> dict[str, float]:
+    """{"accuracy"} x100 of rank classification: an example counts as correct when the choice with the highest
+    score (the first of equal ones) is a correct one.
+
+    Args:
+      targets: per row, its `ScoredChoice` (rank_classification_postprocessor).
+      scores: per row, the log-likelihood of its choice.
+
+    Raises:
+      ValueError: an example does not have all its choices scored (e.g. an evaluation cut after `num_examples`
+        rows, mid-example), or has no correct choice.
+    """
+    if len(targets) != len(scores):
+        raise ValueError(f"{len(targets)} targets but {len(scores)} scores.")
+    if not targets:
+        raise ValueError("No scores to rank.")
+    choices_of = collections.defaultdict(list)
+    for target, score in zip(targets, scores):
+        choices_of[target.example].append((target.choice, float(score), target))
+    correct = 0
+    for example, choices in choices_of.items():
+        expected = choices[0][2].num_choices
+        if sorted(choice for choice, _, _ in choices) != list(range(expected)):
+            raise ValueError(f"Example {example} has the choices {sorted(c for c, _, _ in choices)} scored, but it has "
+                             f"{expected}; evaluate whole examples (a num_examples cut mid-example leaves some out).")
+        if not any(target.is_correct for _, _, target in choices):
+            raise ValueError(f"Example {example} has no correct choice among its {expected}.")
+        best = max(sorted(choices, key=lambda c: c[0]), key=lambda c: c[1])
+        correct += best[2].is_correct
+    return {"accuracy": 100 * correct / len(choices_of)}

@@ -1,4 +1,5 @@
-"""Preprocessors for pre-training and closed-book QA: stateless TensorFlow ops that run inside seqio pipelines.
+"""Preprocessors for pre-training, closed-book QA and rank classification: stateless TensorFlow ops that run inside
+seqio pipelines.
 
 Span corruption (T5's objective), a chain of four steps over tokenized documents {"targets": int32[tokens]}:
 
@@ -14,7 +15,8 @@ The random steps draw their seeds from seqio's `map_over_dataset(num_seeds=...)`
 it repeats the source (they follow the CacheDatasetPlaceholder), so the same seed gives the same examples, and the
 stream, which runs on across epochs, gives every epoch new chunks and new noise.
 
-Salient span masking (`salient_span_masking`) and closed-book QA formatting (`closed_book_qa`) are plain maps.
+Salient span masking (`salient_span_masking`) and closed-book QA formatting (`closed_book_qa`) are plain maps;
+`rank_classification` turns an example with answer choices into one example per choice.
 """
 from __future__ import annotations
 
@@ -352,3 +354,28 @@ def closed_book_qa(dataset: tf.data.Dataset, prefix: str) -> tf.data.Dataset:
 
     return dataset.map(format_example, num_parallel_calls=tf.data.AUTOTUNE)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rank classification
+
+
+def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """One example per answer choice, to be scored by the log-likelihood of its targets (T0's evaluation).
+
+    {"inputs": string[], "targets": string[], "answer_choices": string[choices], "idx": int[]} ->
+    per choice {"inputs": the same, "targets": the choice, "idx": int32[2] (the example's idx, the choice's index),
+    "num_choices": int32[], "is_correct": bool[] (the choice equals the targets)}; metrics.rank_classification
+    then counts an example correct when its best-scored choice is a correct one.
+    """
+    def per_choice(example):
+        choices = example["answer_choices"]
+        count = tf.size(choices)
+        return {
+            "inputs": tf.fill([count], example["inputs"]),
+            "targets": choices,
+            "idx": tf.stack([tf.fill([count], tf.cast(example["idx"], tf.int32)), tf.range(count)], axis=1),
+            "num_choices": tf.fill([count], count),
+            "is_correct": tf.equal(choices, example["targets"]),
+        }
+
+    return dataset.map(per_choice, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
