@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -185,6 +186,12 @@ def _short(error: BaseException, limit: int = 600) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def absolute_path(path: str) -> epath.Path:
+    """A local path made absolute (Orbax's tensorstore writer refuses relative ones, e.g. MODEL_DIR='runs/demo');
+    paths with a scheme (gs://...) as they are."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 class Checkpointer:
     """Saves every `save_interval_steps` steps, keeps the last `max_to_keep`, restores onto any mesh.
 
@@ -223,7 +230,7 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps must be an int >= 1; got {save_interval_steps!r}")
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"max_to_keep must be None (keep all) or an int >= 1; got {max_to_keep!r}")
-        self.directory = epath.Path(directory)
+        self.directory = absolute_path(directory)
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
         self.async_save = async_save
@@ -507,7 +514,7 @@ def restore_params(path: str, abstract_params, *, dtype=None):
       ValueError: the checkpoint's metadata cannot be read or holds no 'params'.
     """
     abstract_params = _as_abstract(abstract_params, name="abstract_params")
-    state_directory = _find_state_directory(epath.Path(path))
+    state_directory = _find_state_directory(absolute_path(path))
     try:
         saved_tree = _read_tree_metadata(state_directory)
     except Exception as error:

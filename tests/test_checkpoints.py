@@ -110,6 +110,19 @@ def test_keeps_last_k_and_respects_interval(tmp_path, mesh):
     assert sorted(os.listdir(tmp_path)) == ["8", "9"]
 
 
+def test_relative_directories_are_made_absolute(tmp_path, mesh, monkeypatch):
+    # Orbax's tensorstore writer refuses relative paths (as MODEL_DIR='runs/demo' gives); the async save fails
+    # only at the next save, so two async saves are needed to see it.
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh, seed=4)
+    with checkpoints.Checkpointer("run/checkpoints", save_interval_steps=1, async_save=True) as checkpointer:
+        assert checkpointer.save(1, state) and checkpointer.save(2, state)
+        checkpointer.wait_until_finished()
+        assert_trees_equal(checkpointer.restore(abstract_like(state, mesh), step=2), state)
+    params = checkpoints.restore_params("run/checkpoints/2", abstract_like(state, mesh)["params"])
+    assert_trees_equal(params, state["params"])
+
+
 def test_async_save_then_wait(tmp_path, mesh):
     state = make_state(mesh, seed=3)
     checkpointer = checkpoints.Checkpointer(str(tmp_path), save_interval_steps=5, async_save=True)
