@@ -56,7 +56,7 @@ def test_registered_tasks_read_the_knowledge_base(tmp_path, monkeypatch):
 
     monkeypatch.setenv("T5X_LITE_CACHE_DIR", str(tmp_path))
     bios.register_bios_tasks(num_people=20, seed=5, prefix="bios_test_small")
-    kb = bios.build(20, seed=5)
+    kb = bios.build(20, seed=5, num_renderings=bios.DEFAULT_NUM_RENDERINGS)  # what the tasks read
     try:
         qa = seqio.get_mixture_or_task("bios_test_small_cbqa")
         vocabulary = qa.output_features["targets"].vocabulary
@@ -73,12 +73,13 @@ def test_registered_tasks_read_the_knowledge_base(tmp_path, monkeypatch):
 
         ssm = seqio.get_mixture_or_task("bios_test_small_ssm")
         examples = list(ssm.get_dataset({"inputs": 128, "targets": 64}, split="train", shuffle=False).as_numpy_iterator())
-        assert len(examples) == 20 * 5  # one per biography, every attribute value masked
-        first, first_targets = (vocabulary.decode(examples[0][key].tolist()) for key in ("inputs", "targets"))
+        assert len(examples) == 20 * bios.DEFAULT_NUM_RENDERINGS  # one per biography, every attribute value masked
+        first = vocabulary.decode(examples[0]["inputs"].tolist())
         assert first.startswith("nem: ") and first.count("_X_") == len(bios.ATTRIBUTES)
-        biography = kb.biographies[0]
-        values = sorted(bios.ATTRIBUTES, key=lambda attribute: biography.spans[attribute][0])
-        assert first_targets == " ".join(f"_X_ {biography.text[slice(*biography.spans[a])]}" for a in values)
+        in_text_order = lambda b: sorted(bios.ATTRIBUTES, key=lambda attribute: b.spans[attribute][0])
+        expected_targets = sorted(
+            " ".join(f"_X_ {b.text[slice(*b.spans[a])]}" for a in in_text_order(b)) for b in kb.biographies)
+        assert sorted(vocabulary.decode(ex["targets"].tolist()) for ex in examples) == expected_targets
         assert (tmp_path / "bios").is_dir(), "the vocabulary is trained into the cache folder"
     finally:
         for name in ("cbqa", "ssm", "span_corruption"):
