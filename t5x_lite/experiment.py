@@ -128,35 +128,33 @@ def run(
         }
         return state
 
-    def evaluate(stage, state):
-        scores = {}
+    eval_seconds = 0.0
+
+    def evaluate(name, state):
+        """Scores `state` on every eval split into summary["eval"]["after <name>"] (files in eval/<stage folder>/)."""
+        nonlocal eval_seconds
+        eval_start = time.time()
+        scores = summary["eval"][f"after {name}"] = {}
         for split, label in zip(eval_splits, eval_split_names):
             evaluator = eval_lib.InferenceEvaluator(
                 data.DatasetConfig(eval_task, None, split=split, batch_size=eval_batch_size, shuffle=False, pack=False),
                 model,
                 partitioner,
-                os.path.join(model_dir, "eval", stage, split),
+                os.path.join(model_dir, "eval", os.path.basename(stage_dirs[name]), split),
                 decoding_config=decoding.DecodingConfig(max_decode_length=max_decode_length),
                 seed=seed,
             )
             results = evaluator.evaluate(state.params, int(jax.device_get(state.step)))
             evaluator.close()
             scores[label] = results[eval_task]
-        return scores
+        eval_seconds += time.time() - eval_start
 
     # Both stages are evaluated: fine-tuning on set A's questions can cost set B what pre-training gave it.
-    eval_seconds = 0.0
-    state = train_stage("pre-training", pretrain_dataset_cfg, pretrain_steps, pretrain_optimizer)
-    eval_start = time.time()
-    summary["eval"]["after pre-training"] = evaluate("pretrain", state)
-    eval_seconds += time.time() - eval_start
-    state = train_stage(
+    evaluate("pre-training", train_stage("pre-training", pretrain_dataset_cfg, pretrain_steps, pretrain_optimizer))
+    evaluate("fine-tuning", train_stage(
         "fine-tuning", finetune_dataset_cfg, finetune_steps, finetune_optimizer,
         initial_checkpoint_path=os.path.join(stage_dirs["pre-training"], "checkpoints"),
-    )
-    eval_start = time.time()
-    summary["eval"]["after fine-tuning"] = evaluate("finetune", state)
-    eval_seconds += time.time() - eval_start
+    ))
     summary["stages"]["evaluation"] = {"seconds": eval_seconds}
     summary["total_seconds"] = time.time() - start
 
