@@ -9,9 +9,30 @@ import os
 from typing import Sequence
 
 import gin
+import gin.resource_reader
 
 # The repository's gin/ folder, so that `include 'models/t5_1_1/defaults.gin'` resolves from anywhere.
 DEFAULT_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def _config_in_package_exists(config_path: str) -> bool:
+    """gin's check for a config inside a Python package, with a folder that isn't one counted as not found.
+
+    gin reads `runs/pretrain.gin` as file `pretrain.gin` of package `runs`. A plain `runs/` folder on sys.path (a
+    namespace package: `make demo` writes `runs/demo/`) has no file location, and gin's check raises TypeError
+    instead of going on to the next search path.
+    """
+    try:
+        return gin.resource_reader.system_path_file_exists(config_path)
+    except TypeError:
+        return False
+
+
+# gin keeps its readers as (open, exists) pairs in a module list; this swaps the check of the package reader.
+gin.config._FILE_READERS[:] = [
+    (reader, _config_in_package_exists if exists is gin.resource_reader.system_path_file_exists else exists)
+    for reader, exists in gin.config._FILE_READERS
+]
 
 
 def rewrite_gin_shorthand(argv: Sequence[str]) -> list[str]:

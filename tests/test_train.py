@@ -17,6 +17,7 @@ from tests.helpers import TINY, random_batch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_GIN = "gin/models/t5_1_1/tiny.gin"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The synthetic tasks use the byte vocabulary (259 ids): a 384-entry table keeps the tiny model tiny.
 COMMON = [
     "--gin.MIXTURE_OR_TASK_NAME='synthetic_reverse'",
@@ -153,6 +154,16 @@ def test_finetune_requires_the_initial_checkpoint(clean_gin):
     gin_utils.parse([TINY_GIN, "gin/runs/finetune.gin"], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 3"])
     with pytest.raises(ValueError, match="INITIAL_CHECKPOINT_PATH"):
         gin_utils.check_required_macros(("MODEL_DIR",), optional=("INITIAL_CHECKPOINT_PATH",))
+
+
+def test_a_runs_folder_in_the_working_directory_does_not_break_includes(clean_gin, tmp_path, monkeypatch):
+    """finetune.gin includes 'runs/pretrain.gin', which gin also looks up as package `runs`: a plain runs/ folder
+    where Python looks for packages (here the working directory, as after `make demo`) must not make that fail."""
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gin_utils.parse([os.path.join(REPO_ROOT, TINY_GIN), "runs/finetune.gin"], ["MODEL_DIR = '/tmp/x'"])
+    assert gin.query_parameter("%MODEL_DIR") == "/tmp/x"
 
 
 def test_unknown_binding_is_named(clean_gin):
