@@ -47,6 +47,49 @@ class RMSNorm(nn.Module):
         return (x32 * scale).astype(self.dtype)
 
 
+def _transposed_specs(spec: str) -> tuple[str, str]:
+    """The einsums of the two input gradients of `spec` ("a,b->c"): "c,b->a" and "a,c->b"."""
+    inputs, out = spec.split("->")
+    a, b = inputs.split(",")
+    return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _einsum_float32_accumulation(spec: str, x: Array, kernel: Array, dtype: jnp.dtype) -> Array:
+    return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _einsum_fwd(spec, x, kernel, dtype):
+    return _einsum_float32_accumulation(spec, x, kernel, dtype), (x, kernel)
+
+
+def _einsum_bwd(spec, dtype, residuals, g):
+    x, kernel = residuals
+    x_spec, kernel_spec = _transposed_specs(spec)
+    g = g.astype(dtype)
+    d_x = jnp.einsum(x_spec, g, kernel.astype(dtype), preferred_element_type=jnp.float32)
+    d_kernel = jnp.einsum(kernel_spec, x.astype(dtype), g, preferred_element_type=jnp.float32)
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_einsum_float32_accumulation.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def einsum(spec: str, x: Array, kernel: Array, dtype: jnp.dtype) -> Array:
+    """jnp.einsum(spec, x, kernel) computed in `dtype`; below float32, accumulated in float32.
+
+    In bfloat16 the matmuls (forward and both gradients) read bfloat16 operands and accumulate and write float32
+    before rounding, as TPU and GPU matmul units do. On a CPU with AVX512_BF16 that is also the fast path: XLA
+    then runs bfloat16 dot-product instructions, about twice the float32 rate, where a dot that rounds its
+    output into bfloat16 runs slower than float32. The kernel's gradient is returned in its own dtype (float32
+    parameters get float32 gradients, not rounded ones). Every index of `x` must appear in `kernel` or the output
+    (true of projections), so that the gradients are einsums of the same form.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    return _einsum_float32_accumulation(spec, x, kernel, jnp.dtype(dtype))
+
+
 class Dense(nn.Module):
     """A bias-free dense layer with a 2-D kernel [in, out] carrying logical axis names."""
 
@@ -66,7 +109,7 @@ class Dense(nn.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel(x.shape[-1]).astype(self.dtype))
+        return einsum("...i,io->...o", x, self.kernel(x.shape[-1]), self.dtype)
 
 
 def fused_dense(x: Array, denses: list[Dense], dtype: jnp.dtype) -> list[Array]:
@@ -77,9 +120,10 @@ def fused_dense(x: Array, denses: list[Dense], dtype: jnp.dtype) -> list[Array]:
     backward pass one gradient of x instead of n to add up. Parameters and results are those of the separate
     layers, so checkpoints do not change.
     """
-    kernel = jnp.stack([dense.kernel(x.shape[-1]) for dense in denses], axis=1).astype(dtype)
-    y = jnp.einsum("...i,ino->...no", x.astype(dtype), kernel)
-    return [y[..., i, :] for i in range(len(denses))]
+    kernel = jnp.stack([dense.kernel(x.shape[-1]) for dense in denses], axis=1)
+    y = einsum("...i,ino->...no", x, kernel, dtype)
+    # lax.split, not indexing: its gradient is one concatenate, where n slices' would be n pads added up.
+    return [part.squeeze(-2) for part in jax.lax.split(y, (1,) * len(denses), axis=y.ndim - 2)]
 
 
 class Embed(nn.Module):
@@ -105,7 +149,7 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+        return einsum("...e,ve->...v", x, self.embedding, self.dtype)
 
 
 def relative_position_bucket(
@@ -196,6 +240,70 @@ def mask_to_bias(mask: Array | None, dtype: jnp.dtype) -> Array | None:
     return jnp.where(mask, 0.0, NEG_INF).astype(dtype)
 
 
+def _attention_forward(query, key, value, bias, keep):
+    """Unnormalised attention: exp(logits - max) [b, h, q, k] (float32), its row sums' reciprocals [b, h, q, 1]
+    (float32) and the normalised output [b, q, h, d]."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    inv_sum = 1.0 / jnp.sum(unnormalized, axis=-1, keepdims=True)
+    weights = unnormalized.astype(value.dtype)
+    if keep is not None:
+        weights = weights * keep
+    out = jnp.einsum("bhqk,bkhd->bhqd", weights, value, preferred_element_type=jnp.float32) * inv_sum
+    return unnormalized, inv_sum, jnp.transpose(out, (0, 2, 1, 3)).astype(value.dtype)
+
+
+@jax.custom_vjp
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None, keep: Array | None) -> Array:
+    """softmax(query key^T + bias) value, the softmax in float32 and taken over the keys.
+
+    query: [batch, q, heads, d]; key, value: [batch, k, heads, d]; bias: [batch|1, heads|1, q, k] or None; keep:
+    the dropout multiplier of the weights (0 or 1 / (1 - rate)), [batch, heads, q, k] in value's dtype, or None.
+    Returns [batch, q, heads, d] in value's dtype.
+
+    The division by the softmax's row sums is applied to the output ([.., d] wide) rather than to the weights
+    ([.., k] wide), and the gradient is written out: with P the weights, O the output and G its cotangent,
+    dlogits = P * (G V^T - rowsum(G * O)), where rowsum(G * O) equals rowsum(P * G V^T) and costs a pass over
+    [.., d] instead of [.., k]. Autodiff through exp / sum / divide would keep more [b, h, q, k] intermediates
+    and make more passes over them.
+    """
+    return _attention_forward(query, key, value, bias, keep)[2]
+
+
+def _attention_fwd(query, key, value, bias, keep):
+    unnormalized, inv_sum, out = _attention_forward(query, key, value, bias, keep)
+    return out, (query, key, value, bias, keep, unnormalized, inv_sum, out)
+
+
+def _attention_bwd(residuals, g):
+    query, key, value, bias, keep, unnormalized, inv_sum, out = residuals
+    dtype = value.dtype
+    # With the 1/sum folded into G, the unnormalised weights stand in for P below.
+    g = (g.astype(jnp.float32) * jnp.transpose(inv_sum, (0, 2, 1, 3))).astype(dtype)
+    weights = unnormalized.astype(dtype)
+    if keep is not None:
+        weights = weights * keep
+    d_value = jnp.einsum("bhqk,bqhd->bkhd", weights, g, preferred_element_type=jnp.float32).astype(dtype)
+    d_weights = jnp.einsum("bqhd,bkhd->bhqk", g, value, preferred_element_type=jnp.float32)
+    if keep is not None:
+        d_weights = d_weights * keep.astype(jnp.float32)
+    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    d_logits = unnormalized * (d_weights - jnp.transpose(row, (0, 2, 1))[..., None])
+    d_bias = None
+    if bias is not None:
+        broadcast = tuple(i for i in range(4) if bias.shape[i] == 1 and d_logits.shape[i] != 1)
+        d_bias = jnp.sum(d_logits, axis=broadcast, keepdims=True).astype(bias.dtype)
+    d_logits = d_logits.astype(query.dtype)
+    d_query = jnp.einsum("bhqk,bkhd->bqhd", d_logits, key, preferred_element_type=jnp.float32).astype(query.dtype)
+    d_key = jnp.einsum("bhqk,bqhd->bkhd", d_logits, query, preferred_element_type=jnp.float32).astype(key.dtype)
+    return d_query, d_key, d_value, d_bias, None
+
+
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention: no 1/sqrt(d) logit scaling (it is folded into the query initialisation).
 
@@ -278,14 +386,14 @@ class MultiHeadAttention(nn.Module):
                     step_bias = step_bias + row
                 bias = step_bias
 
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        keep = None
         if not deterministic and self.dropout_rate > 0.0:
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, weights.shape)
-            weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0.0).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+            batch, q_len, heads, _ = query.shape
+            mask = jax.random.bernoulli(
+                self.make_rng("dropout"), 1.0 - self.dropout_rate, (batch, heads, q_len, key.shape[1])
+            )
+            keep = jnp.where(mask, 1.0 / (1.0 - self.dropout_rate), 0.0).astype(self.dtype)
+        out = dot_product_attention(query, key, value, bias, keep)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
         return Dense(

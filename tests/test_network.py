@@ -215,3 +215,75 @@ def test_fused_projections_equal_separate_layers():
     param_names = names(jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(0), tokens, tokens))))
     assert {"params/encoder/layers_0/attention/query/kernel", "params/encoder/layers_0/mlp/wi_1/kernel",
             "params/decoder/layers_0/encoder_decoder_attention/value/kernel"} <= param_names, sorted(param_names)[:12]
+
+
+def reference_attention(query, key, value, bias, keep):
+    """softmax(q k^T + bias) v by autodiff through jax.nn.softmax: what layers.dot_product_attention must equal."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits).astype(value.dtype)
+    if keep is not None:
+        weights = weights * keep
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 7), (2, 1, 5, 7), (2, 3, 5, 7)])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_attention_core_equals_softmax_reference(bias_shape, dropout):
+    """The hand-written gradient (row sums folded into the output, rowsum(G * O) for the softmax term) gives the
+    outputs and the gradients of q, k, v and of a bias of any broadcast shape that autodiff gives."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 5, 3, 4), (2, 7, 3, 4), (2, 7, 3, 4)])
+    bias = None if bias_shape is None else jnp.asarray(3 * rng.normal(size=bias_shape), jnp.float32)
+    if bias is not None:  # a masked key, as mask_to_bias writes it
+        bias = bias.at[..., 2].set(layers.NEG_INF)
+    keep = jnp.asarray((rng.random((2, 3, 5, 7)) > 0.3) / 0.7, jnp.float32) if dropout else None
+    weights = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+    loss = lambda fn: lambda *args: jnp.sum(jnp.sin(fn(*args, keep) * weights))
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, bias, keep),
+                               reference_attention(q, k, v, bias, keep), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(loss(layers.dot_product_attention), argnums)(q, k, v, bias)
+    expected = jax.grad(loss(reference_attention), argnums)(q, k, v, bias)
+    for got, want in zip(grads, expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_core_bfloat16_is_close_to_float32():
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32) for _ in range(3))
+    out32 = layers.dot_product_attention(q, k, v, None, None)
+    out16 = layers.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, None)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("spec,x_shape,kernel_shape", [
+    ("...i,io->...o", (2, 5, 16), (16, 24)),
+    ("...i,ino->...no", (2, 5, 16), (16, 3, 24)),
+    ("...e,ve->...v", (2, 5, 16), (40, 16)),
+])
+def test_bfloat16_einsum_accumulates_in_float32(spec, x_shape, kernel_shape):
+    """layers.einsum in bfloat16: the output is a float32 sum of bfloat16 products, rounded once to bfloat16; the
+    gradients are float32 sums too, returned in x's and the kernel's dtypes (float32 here: not rounded at all)."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    to16 = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # the values the bfloat16 matmuls see
+    exact = lambda x, kernel: jnp.einsum(spec, to16(x), to16(kernel), precision="highest")
+    out, vjp = jax.vjp(lambda x, kernel: layers.einsum(spec, x, kernel, jnp.bfloat16), x, kernel)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), to16(exact(x, kernel)), rtol=1e-2, atol=1e-2)
+    g = jnp.asarray(rng.normal(size=out.shape), jnp.bfloat16)
+    d_x, d_kernel = vjp(g)
+    assert d_x.dtype == jnp.float32 and d_kernel.dtype == jnp.float32
+    g32 = g.astype(jnp.float32)
+    (want_x,) = jax.vjp(lambda x: jnp.einsum(spec, x, to16(kernel), precision="highest"), x)[1](g32)
+    (want_kernel,) = jax.vjp(lambda kernel: jnp.einsum(spec, to16(x), kernel, precision="highest"), kernel)[1](g32)
+    np.testing.assert_allclose(d_x, want_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-5, atol=1e-5)
+    # float32 is plain jnp.einsum.
+    np.testing.assert_allclose(layers.einsum(spec, x, kernel, jnp.float32), jnp.einsum(spec, x, kernel),
+                               rtol=1e-6, atol=1e-6)
