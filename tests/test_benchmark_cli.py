@@ -190,3 +190,20 @@ def test_compare_hf_times_a_train_step_in_its_own_process():
     hf_benchmark = load_script("hf_benchmark")
     with pytest.raises(SystemExit, match=f"HF T5 has {parameters:,} parameters but the JAX model has"):
         hf_benchmark.run({**hf["spec"], "expected_parameters": parameters + 1})
+
+
+def test_bfloat16_peak_counts_the_float32_output_matmul(monkeypatch):
+    """Below float32 the peak is the better of the dtype's own matmul and the float32-output one that the model's
+    matmuls use (layers.einsum), so that MFU can't pass 100% by comparing against the slower kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    seen = []
+    real_matmul = jnp.matmul
+    monkeypatch.setattr(jnp, "matmul", lambda a, b, preferred_element_type=None: (
+        seen.append(preferred_element_type), real_matmul(a, b, preferred_element_type=preferred_element_type))[1])
+    assert benchmark.measure_peak_flops(jax.devices()[0], jnp.float32, 32, trials=1, min_trial_seconds=0) > 0
+    assert set(seen) == {None}
+    seen.clear()
+    assert benchmark.measure_peak_flops(jax.devices()[0], jnp.bfloat16, 32, trials=1, min_trial_seconds=0) > 0
+    assert set(seen) == {None, jnp.float32}
