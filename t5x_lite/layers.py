@@ -112,8 +112,8 @@ class Dense(nn.Module):
         return einsum("...i,io->...o", x, self.kernel(x.shape[-1]), self.dtype)
 
 
-def fused_dense(x: Array, denses: list[Dense], dtype: jnp.dtype) -> list[Array]:
-    """The outputs of several Dense layers of one input, from one matmul.
+def stacked_dense(x: Array, denses: list[Dense], dtype: jnp.dtype) -> Array:
+    """The outputs of several Dense layers of one input, from one matmul, stacked: [..., n, out].
 
     Their kernels [in, out] are stacked into [in, n, out] (a new axis, so a kernel split over a mesh axis along
     `out` stays split the same way) and applied as one wider matmul: one GEMM instead of n narrow ones, and in the
@@ -121,9 +121,50 @@ def fused_dense(x: Array, denses: list[Dense], dtype: jnp.dtype) -> list[Array]:
     layers, so checkpoints do not change.
     """
     kernel = jnp.stack([dense.kernel(x.shape[-1]) for dense in denses], axis=1)
-    y = einsum("...i,ino->...no", x, kernel, dtype)
+    return einsum("...i,ino->...no", x, kernel, dtype)
+
+
+def fused_dense(x: Array, denses: list[Dense], dtype: jnp.dtype) -> list[Array]:
+    """stacked_dense's outputs as a list, one per layer."""
+    y = stacked_dense(x, denses, dtype)
     # lax.split, not indexing: its gradient is one concatenate, where n slices' would be n pads added up.
     return [part.squeeze(-2) for part in jax.lax.split(y, (1,) * len(denses), axis=y.ndim - 2)]
+
+
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_parts(gate):
+    """tanh-approximated GELU of float32 `gate` and its derivative."""
+    inner = _GELU_C * (gate + 0.044715 * gate**3)
+    t = jnp.tanh(inner)
+    gelu = 0.5 * gate * (1.0 + t)
+    d_gelu = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * gate * gate)
+    return gelu, d_gelu
+
+
+@jax.custom_vjp
+def gated_gelu(y: Array) -> Array:
+    """gelu(y[..., 0, :]) * y[..., 1, :] (GELU's tanh approximation), for y = stacked_dense(x, [wi_0, wi_1]).
+
+    The gradient is written out and returned stacked, [..., 2, mlp], from one elementwise pass over y, where
+    autodiff of the two slices would build it from two results and a concatenation.
+    """
+    y32 = y.astype(jnp.float32)
+    return (_gelu_parts(y32[..., 0, :])[0] * y32[..., 1, :]).astype(y.dtype)
+
+
+def _gated_gelu_fwd(y):
+    return gated_gelu(y), y
+
+
+def _gated_gelu_bwd(y, g):
+    y32, g32 = y.astype(jnp.float32), g.astype(jnp.float32)
+    gelu, d_gelu = _gelu_parts(y32[..., 0, :])
+    return (jnp.stack([g32 * y32[..., 1, :] * d_gelu, g32 * gelu], axis=-2).astype(y.dtype),)
+
+
+gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
 
 
 class Embed(nn.Module):
@@ -416,8 +457,7 @@ class GatedMlp(nn.Module):
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         """x: [batch, length, embed] -> [batch, length, embed]."""
         dense = functools.partial(Dense, features=self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype)
-        gate, linear = fused_dense(x, [dense(name="wi_0"), dense(name="wi_1")], self.dtype)
-        hidden = nn.gelu(gate, approximate=True) * linear
+        hidden = gated_gelu(stacked_dense(x, [dense(name="wi_0"), dense(name="wi_1")], self.dtype))
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
         return Dense(features=x.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)

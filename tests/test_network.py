@@ -287,3 +287,22 @@ def test_bfloat16_einsum_accumulates_in_float32(spec, x_shape, kernel_shape):
     # float32 is plain jnp.einsum.
     np.testing.assert_allclose(layers.einsum(spec, x, kernel, jnp.float32), jnp.einsum(spec, x, kernel),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_gated_gelu_equals_autodiff(dtype, tolerance):
+    """The MLP's activation on the stacked wi_0/wi_1 output, and its written-out gradient, equal autodiff of
+    gelu(gate) * linear (GELU's tanh approximation, as transformers' gelu_new)."""
+    rng = np.random.default_rng(3)
+    y = jnp.asarray(3 * rng.normal(size=(2, 5, 2, 16)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    reference = lambda y: (nn.gelu(y[..., 0, :].astype(jnp.float32), approximate=True)
+                           * y[..., 1, :].astype(jnp.float32))
+    out = layers.gated_gelu(y)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), reference(y), rtol=tolerance, atol=tolerance)
+    grad = jax.grad(lambda y: jnp.sum(layers.gated_gelu(y).astype(jnp.float32) * w))(y)
+    want = jax.grad(lambda y: jnp.sum(reference(y) * w))(y)
+    assert grad.shape == y.shape and grad.dtype == dtype
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want, np.float32), rtol=tolerance,
+                               atol=tolerance)
