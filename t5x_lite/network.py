@@ -69,13 +69,14 @@ class EncoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array | None):
-        """x: [batch, length, embed]; bias: [batch|1, heads, length, length]."""
+    def __call__(self, x: Array, bias: Array | None, mask: Array | None):
+        """x: [batch, length, embed]; bias: the position bias [batch|1, heads, length, length]; mask:
+        bool[batch, 1, length, length]."""
         cfg, dtype = self.config, self.config.activation_dtype
         h = layers.RMSNorm(dtype=dtype, name="pre_attention_layer_norm")(x)
         h = layers.MultiHeadAttention(
             cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dtype, name="attention"
-        )(h, h, bias, deterministic=self.deterministic)
+        )(h, h, bias, mask, deterministic=self.deterministic)
         x = x + _dropout(cfg)(h, deterministic=self.deterministic)
         h = layers.RMSNorm(dtype=dtype, name="pre_mlp_layer_norm")(x)
         h = layers.GatedMlp(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, deterministic=self.deterministic)
@@ -90,19 +91,22 @@ class DecoderLayer(nn.Module):
     decode: bool
 
     @nn.compact
-    def __call__(self, y: Array, encoded: Array | None, self_bias: Array | None, cross_bias: Array | None):
-        """y: [batch, length, embed]; encoded: [batch, enc_length, embed] (None in decode steps);
-        self_bias: [batch|1, heads, length, length]; cross_bias: [batch, 1, length, enc_length]."""
+    def __call__(
+        self, y: Array, encoded: Array | None, self_bias: Array, self_mask: Array | None, cross_mask: Array
+    ):
+        """y: [batch, length, embed]; encoded: [batch, enc_length, embed] (None in decode steps); self_bias: the
+        position bias [batch|1, heads, length, length]; self_mask: bool[batch|1, 1, length, length] (None in decode
+        steps); cross_mask: bool[batch, 1, length, enc_length]."""
         cfg, dtype = self.config, self.config.activation_dtype
         attention = lambda name: layers.MultiHeadAttention(
             cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dtype, name=name
         )
         h = layers.RMSNorm(dtype=dtype, name="pre_self_attention_layer_norm")(y)
-        h = attention("self_attention")(h, h, self_bias, deterministic=self.deterministic, decode=self.decode)
+        h = attention("self_attention")(h, h, self_bias, self_mask, deterministic=self.deterministic, decode=self.decode)
         y = y + _dropout(cfg)(h, deterministic=self.deterministic)
         h = layers.RMSNorm(dtype=dtype, name="pre_cross_attention_layer_norm")(y)
         h = attention("encoder_decoder_attention")(
-            h, encoded, cross_bias, deterministic=self.deterministic, decode=self.decode, cross_attention=True
+            h, encoded, None, cross_mask, deterministic=self.deterministic, decode=self.decode, cross_attention=True
         )
         y = y + _dropout(cfg)(h, deterministic=self.deterministic)
         h = layers.RMSNorm(dtype=dtype, name="pre_mlp_layer_norm")(y)
@@ -169,8 +173,7 @@ class Encoder(nn.Module):
         )
         pos = _positions(tokens, positions)
         position_bias = _relative_position_bias(cfg, bidirectional=True)(pos, pos)
-        bias = layers.mask_to_bias(mask, dtype) + position_bias
-        x = _run_stack(self, EncoderLayer, cfg.num_encoder_layers, x, bias, deterministic=deterministic)
+        x = _run_stack(self, EncoderLayer, cfg.num_encoder_layers, x, position_bias, mask, deterministic=deterministic)
         x = layers.RMSNorm(dtype=dtype, name="encoder_norm")(x)
         return _dropout(cfg)(x, deterministic=deterministic)
 
@@ -203,6 +206,7 @@ class Decoder(nn.Module):
             # One decode step: the self-attention takes the current row of this full-cache bias.
             all_positions = jnp.arange(max_decode_length, dtype=jnp.int32)[None, :]
             self_bias = relpos(all_positions, all_positions)
+            self_mask = None
             query_valid = jnp.ones(decoder_input_tokens.shape, dtype=bool)
             cross_mask = layers.attention_mask(query_valid, encoder_valid)
         else:
@@ -218,16 +222,15 @@ class Decoder(nn.Module):
                 None if decoder_segment_ids is None else layers.segment_mask(decoder_segment_ids, decoder_segment_ids),
             )
             pos = _positions(decoder_input_tokens, decoder_positions)
-            self_bias = layers.mask_to_bias(self_mask, dtype) + relpos(pos, pos)
+            self_bias = relpos(pos, pos)
             cross_mask = layers.combine_masks(
                 layers.attention_mask(query_valid, encoder_valid),
                 None
                 if decoder_segment_ids is None
                 else layers.segment_mask(decoder_segment_ids, encoder_segment_ids),
             )
-        cross_bias = layers.mask_to_bias(cross_mask, dtype)
         y = _run_stack(
-            self, DecoderLayer, cfg.num_decoder_layers, y, encoded, self_bias, cross_bias,
+            self, DecoderLayer, cfg.num_decoder_layers, y, encoded, self_bias, self_mask, cross_mask,
             deterministic=deterministic, decode=decode,
         )
         y = layers.RMSNorm(dtype=dtype, name="decoder_norm")(y)

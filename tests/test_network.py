@@ -1,5 +1,6 @@
 """The T5.1.1 network: parameter counts, scanned == unscanned, packing, remat, bf16."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import gin
@@ -217,45 +218,62 @@ def test_fused_projections_equal_separate_layers():
             "params/decoder/layers_0/encoder_decoder_attention/value/kernel"} <= param_names, sorted(param_names)[:12]
 
 
-def reference_attention(query, key, value, bias, keep):
-    """softmax(q k^T + bias) v by autodiff through jax.nn.softmax: what layers.dot_product_attention must equal."""
+def reference_attention(query, key, value, bias, mask, keep):
+    """softmax(q k^T + bias, masked) v by autodiff through jax.nn.softmax: what layers.dot_product_attention must
+    equal."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, layers.NEG_INF)
     weights = jax.nn.softmax(logits).astype(value.dtype)
     if keep is not None:
         weights = weights * keep
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 7), (2, 1, 5, 7), (2, 3, 5, 7)])
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 7), (4, 1, 5, 7), (4, 3, 5, 7)])
+@pytest.mark.parametrize("mask_shape", [None, (4, 1, 5, 7), (1, 1, 5, 7)])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_attention_core_equals_softmax_reference(bias_shape, dropout):
-    """The hand-written gradient (row sums folded into the output, rowsum(G * O) for the softmax term) gives the
-    outputs and the gradients of q, k, v and of a bias of any broadcast shape that autodiff gives."""
+@pytest.mark.parametrize("chunk_bytes", [layers.ATTENTION_CHUNK_BYTES, 2 * 3 * 5 * 7 * 4, 1])
+def test_attention_core_equals_softmax_reference(bias_shape, mask_shape, dropout, chunk_bytes):
+    """The hand-written gradient (row sums folded into the output, rowsum(G * O) for the softmax term, the logits
+    recomputed) gives the outputs and the gradients of q, k, v and of a bias of any broadcast shape that autodiff
+    gives; in one batch chunk, in chunks of two examples, and one example at a time. The mask hides one key from
+    every query and every key from one query."""
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 5, 3, 4), (2, 7, 3, 4), (2, 7, 3, 4)])
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(4, 5, 3, 4), (4, 7, 3, 4), (4, 7, 3, 4)])
     bias = None if bias_shape is None else jnp.asarray(3 * rng.normal(size=bias_shape), jnp.float32)
-    if bias is not None:  # a masked key, as mask_to_bias writes it
-        bias = bias.at[..., 2].set(layers.NEG_INF)
-    keep = jnp.asarray((rng.random((2, 3, 5, 7)) > 0.3) / 0.7, jnp.float32) if dropout else None
-    weights = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
-    loss = lambda fn: lambda *args: jnp.sum(jnp.sin(fn(*args, keep) * weights))
+    mask = None
+    if mask_shape is not None:
+        mask = np.ones(mask_shape, bool)
+        mask[..., 2] = False
+        mask[0, :, 1, :] = False
+        mask = jnp.asarray(mask)
+    keep = jnp.asarray((rng.random((4, 3, 5, 7)) > 0.3) / 0.7, jnp.float32) if dropout else None
+    weights = jnp.asarray(rng.normal(size=(4, 5, 3, 4)), jnp.float32)
+    attention = functools.partial(layers.dot_product_attention, chunk_bytes=chunk_bytes)
+    loss = lambda fn: lambda q, k, v, bias: jnp.sum(jnp.sin(fn(q, k, v, bias, mask, keep) * weights))
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, bias, keep),
-                               reference_attention(q, k, v, bias, keep), rtol=1e-5, atol=1e-6)
-    grads = jax.grad(loss(layers.dot_product_attention), argnums)(q, k, v, bias)
+    np.testing.assert_allclose(attention(q, k, v, bias, mask, keep),
+                               reference_attention(q, k, v, bias, mask, keep), rtol=1e-5, atol=1e-6)
+    grads = jax.jit(jax.grad(loss(attention), argnums))(q, k, v, bias)
     expected = jax.grad(loss(reference_attention), argnums)(q, k, v, bias)
     for got, want in zip(grads, expected):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_bytes, steps", [(layers.ATTENTION_CHUNK_BYTES, 1), (2 * 3 * 5 * 7 * 4, 2), (1, 4)])
+def test_attention_chunking_takes_the_largest_chunk_that_fits(chunk_bytes, steps):
+    assert layers._attention_chunking((4, 5, 3, 4), 7, chunk_bytes) == (steps, 1)
+
+
 def test_attention_core_bfloat16_is_close_to_float32():
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32) for _ in range(3))
-    out32 = layers.dot_product_attention(q, k, v, None, None)
-    out16 = layers.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, None)
+    out32 = layers.dot_product_attention(q, k, v)
+    out16 = layers.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.03, rtol=0.03)
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import models, optimizers, partitioning
+from t5x_lite import layers, models, optimizers, partitioning
 from t5x_lite import trainer as trainer_lib
 from tests.helpers import TINY, random_batch
 
@@ -89,6 +89,22 @@ def test_sharded_training_equals_single_device(mesh_shape, parameter_partitionin
         lambda a, b: np.max(np.abs(a - b)), single_device_run["params"], single_device_run["init"].params
     )
     assert min(jax.tree.leaves(moved)) > 100 * PARAM_ATOL
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 4)], ids=lambda shape: "mesh{}x{}".format(*shape))
+def test_attention_in_batch_chunks_on_a_mesh_equals_single_device(mesh_shape, single_device_run, monkeypatch):
+    """With a chunk budget of one byte the attention runs one example per data shard at a time (a scan over the
+    batch, each device taking its own share of every chunk); the sharded run still equals the one-device run,
+    which attends to its whole batch at once."""
+    loops = lambda trainer: trainer.lower_train_step(random_batch()).as_text().count("stablehlo.while")
+    assert loops(make_trainer(mesh_shape, 1)) == 0
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", 1)
+    trainer = make_trainer.__wrapped__(mesh_shape, 1)
+    assert loops(trainer) > 0
+    state = jax.device_put(single_device_run["init"], trainer.state_shardings)
+    losses, state = train(trainer, state)
+    np.testing.assert_allclose(losses, single_device_run["losses"], rtol=LOSS_RTOL)
+    assert_trees_close(state.params, single_device_run["params"], PARAM_RTOL, PARAM_ATOL)
 
 
 def test_init_is_sharded_and_equals_the_single_device_init(single_device_run):
