@@ -69,7 +69,15 @@ def _einsum_bwd(spec, dtype, residuals, g):
     x_spec, kernel_spec = _transposed_specs(spec)
     g = g.astype(dtype)
     d_x = jnp.einsum(x_spec, g, kernel.astype(dtype), preferred_element_type=jnp.float32)
-    d_kernel = jnp.einsum(kernel_spec, x.astype(dtype), g, preferred_element_type=jnp.float32)
+    if dtype == jnp.float32:
+        # The kernel's gradient contracts the leading ("...") axes of x and g. With them flattened into one token
+        # axis first, XLA:CPU reads g as it lies; from the einsum over [batch, length] it wrote a transposed copy
+        # of g (as large as the layer's output) first. In bfloat16 the flattened form has no fast kernel.
+        leading = x.ndim - len(kernel_spec.split(",")[0].replace("...", ""))
+        tokens = lambda a: a.reshape((-1,) + a.shape[leading:])
+        d_kernel = jnp.einsum(kernel_spec.replace("...", "t"), tokens(x.astype(dtype)), tokens(g))
+    else:
+        d_kernel = jnp.einsum(kernel_spec, x.astype(dtype), g, preferred_element_type=jnp.float32)
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
@@ -83,11 +91,10 @@ def einsum(spec: str, x: Array, kernel: Array, dtype: jnp.dtype) -> Array:
     before rounding, as TPU and GPU matmul units do. On a CPU with AVX512_BF16 that is also the fast path: XLA
     then runs bfloat16 dot-product instructions, about twice the float32 rate, where a dot that rounds its
     output into bfloat16 runs slower than float32. The kernel's gradient is returned in its own dtype (float32
-    parameters get float32 gradients, not rounded ones). Every index of `x` must appear in `kernel` or the output
-    (true of projections), so that the gradients are einsums of the same form.
+    parameters get float32 gradients, not rounded ones). In float32 the kernel's gradient is taken over the
+    tokens flattened into one axis (see `_einsum_bwd`). `x` and the output start with the same "..." axes (the
+    tokens), and every other index of `x` appears in `kernel` (true of projections).
     """
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
     return _einsum_float32_accumulation(spec, x, kernel, jnp.dtype(dtype))
 
 

@@ -302,9 +302,13 @@ def test_bfloat16_einsum_accumulates_in_float32(spec, x_shape, kernel_shape):
     (want_kernel,) = jax.vjp(lambda kernel: jnp.einsum(spec, to16(x), kernel, precision="highest"), kernel)[1](g32)
     np.testing.assert_allclose(d_x, want_x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-5, atol=1e-5)
-    # float32 is plain jnp.einsum.
-    np.testing.assert_allclose(layers.einsum(spec, x, kernel, jnp.float32), jnp.einsum(spec, x, kernel),
-                               rtol=1e-6, atol=1e-6)
+    # In float32, outputs and gradients (the kernel's over flattened tokens) are those of plain jnp.einsum.
+    out32, vjp32 = jax.vjp(lambda x, kernel: layers.einsum(spec, x, kernel, jnp.float32), x, kernel)
+    want32, want_vjp32 = jax.vjp(lambda x, kernel: jnp.einsum(spec, x, kernel, precision="highest"), x, kernel)
+    np.testing.assert_allclose(out32, want32, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp32(g32), want_vjp32(g32)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
