@@ -39,8 +39,7 @@ def cross_entropy_with_z_loss(
     logits = logits.astype(jnp.float32)
     vocab_size = logits.shape[-1]
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    target_log_prob = target_logits(logits, targets) - log_z
     if label_smoothing > 0.0:
         confidence = 1.0 - label_smoothing
         low_confidence = label_smoothing / (vocab_size - 1)
@@ -48,7 +47,7 @@ def cross_entropy_with_z_loss(
         normalizing_constant = -(
             confidence * jnp.log(confidence) + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
         )
-        sum_log_probs = jnp.sum(log_probs, axis=-1)
+        sum_log_probs = jnp.sum(logits, axis=-1) - vocab_size * log_z
         cross_entropy = -(
             (confidence - low_confidence) * target_log_prob + low_confidence * sum_log_probs
         ) - normalizing_constant
@@ -56,6 +55,30 @@ def cross_entropy_with_z_loss(
         cross_entropy = -target_log_prob
     z = z_loss * jnp.square(log_z)
     return cross_entropy + z, z
+
+
+def target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits[..., targets] as a masked sum over the vocabulary: float[batch, length, vocab], int[batch, length]
+    -> float[batch, length].
+
+    A gather would do in the forward pass, but its gradient is a scatter into a zeroed [batch, length, vocab]
+    array; the masked sum's gradient is one elementwise select that XLA fuses into the softmax gradient.
+    """
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+
+
+def predicts_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """bool[batch, length]: the target's logit is larger than every other one (the argmax is the target, and
+    not tied with another token).
+
+    Written as a comparison with the largest other logit, a plain max that XLA fuses with the loss's reductions
+    over the same logits; jnp.argmax is a reduction over (value, index) pairs, which on a CPU took longer than
+    the whole loss.
+    """
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    others = jnp.max(jnp.where(hit, -jnp.inf, logits), axis=-1)
+    return target_logits(logits, targets) > others
 
 
 def loss_denominator(

@@ -76,14 +76,14 @@ class EncoderDecoderModel:
 
     def loss_sums(self, params: Any, batch: Batch, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
         """Batch sums (float32 scalars): `loss` (z-loss included), `z_loss`, `weight` (target tokens counted)
-        and `correct` (argmax hits among them)."""
+        and `correct` (the target tokens predicted: their logit is the largest, untied)."""
         logits = self.logits(params, batch, dropout_rng=dropout_rng)
         targets = batch["decoder_target_tokens"]
         weights = self.loss_weights(batch)
         loss, z_loss = losses.cross_entropy_with_z_loss(
             logits, targets, label_smoothing=self.label_smoothing, z_loss=self.z_loss
         )
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        correct = losses.predicts_target(logits, targets).astype(jnp.float32)
         return {
             "loss": jnp.sum(loss * weights),
             "z_loss": jnp.sum(z_loss * weights),

@@ -1,4 +1,6 @@
 """Cross entropy with z-loss and label smoothing against a numpy reference of T5X's formula; loss denominators."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,6 +82,38 @@ def test_smoothed_loss_of_the_smoothed_target_is_zero(label_smoothing):
     assert np.all(np.asarray(sharp_loss) > 0.1)
     expected_sharp, _ = reference_cross_entropy(sharp, targets, label_smoothing, 0.0)
     np.testing.assert_allclose(sharp_loss, expected_sharp, rtol=RTOL, atol=1e-4)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_gradient_equals_autodiff_of_the_log_softmax_gather(label_smoothing):
+    """The target logit is a masked sum (no scatter in the backward pass); its gradient is autodiff's of the
+    textbook form, a gather from log_softmax."""
+    logits, targets = random_logits_and_targets(seed=2)
+    weights = np.random.default_rng(3).random(targets.shape).astype(np.float32)
+
+    def textbook(logits):
+        log_probs = jax.nn.log_softmax(logits)
+        target = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        low = label_smoothing / (logits.shape[-1] - 1)
+        loss = -(1.0 - label_smoothing - low) * target - low * jnp.sum(log_probs, -1)
+        return jnp.sum((loss + 1e-4 * jnp.square(jax.nn.logsumexp(logits, -1))) * weights)
+
+    ours = lambda logits: jnp.sum(losses.cross_entropy_with_z_loss(
+        logits, targets, label_smoothing=label_smoothing, z_loss=1e-4)[0] * weights)
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(textbook)(logits), rtol=1e-5, atol=1e-6)
+
+
+def test_predicts_target_is_an_untied_argmax():
+    logits, targets = random_logits_and_targets(seed=4, shape=(4, 6))
+    targets[0] = logits[0].argmax(-1)  # a row of hits
+    logits[1, 0, :] = 1.0  # all tied: no prediction
+    targets[1, 0] = 0
+    logits[1, 1, targets[1, 1]] = logits[1, 1].max()  # tied with another token: no prediction either
+    got = np.asarray(losses.predicts_target(logits, targets))
+    top = np.sort(logits, -1)
+    untied = top[..., -1] > top[..., -2]
+    np.testing.assert_array_equal(got, (logits.argmax(-1) == targets) & untied)
+    assert got[0].all() and not got[1, 0] and not got[1, 1] and 0 < got.sum() < got.size
 
 
 def test_loss_denominator_for_each_normalizer():
