@@ -7,6 +7,7 @@ loss per target token, whatever the normalisation used for the gradient.
 from __future__ import annotations
 
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,13 @@ def cross_entropy_with_z_loss(
     """
     logits = logits.astype(jnp.float32)
     vocab_size = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_log_prob = target_logits(logits, targets) - log_z
+    target = target_logits(logits, targets)
+    # logsumexp's shift, the row max, from the largest other logit (which accuracy takes too) and the target's:
+    # one pass over the logits fewer than jax.nn.logsumexp's own max.
+    row_max = jax.lax.stop_gradient(jnp.maximum(largest_other_logits(logits, targets), target))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    log_z = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1))
+    target_log_prob = target - log_z
     if label_smoothing > 0.0:
         confidence = 1.0 - label_smoothing
         low_confidence = label_smoothing / (vocab_size - 1)
@@ -57,28 +63,47 @@ def cross_entropy_with_z_loss(
     return cross_entropy + z, z
 
 
-def target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """logits[..., targets] as a masked sum over the vocabulary: float[batch, length, vocab], int[batch, length]
-    -> float[batch, length].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _target_logits(vocab_size: int, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
-    A gather would do in the forward pass, but its gradient is a scatter into a zeroed [batch, length, vocab]
-    array; the masked sum's gradient is one elementwise select that XLA fuses into the softmax gradient.
+
+def _target_logits_fwd(vocab_size, logits, targets):
+    return _target_logits(vocab_size, logits, targets), targets
+
+
+def _target_logits_bwd(vocab_size, targets, g):
+    hit = jnp.arange(vocab_size, dtype=targets.dtype) == targets[..., None]
+    return jnp.where(hit, g[..., None], 0.0), None
+
+
+_target_logits.defvjp(_target_logits_fwd, _target_logits_bwd)
+
+
+def target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits[..., targets]: float[batch, length, vocab], int[batch, length] -> float[batch, length].
+
+    A gather, whose gradient is written as a select (g where the vocabulary index is the target, else 0) that
+    XLA fuses into the softmax gradient; autodiff's would zero a [batch, length, vocab] array and scatter into
+    it.
     """
+    return _target_logits(logits.shape[-1], logits, targets)
+
+
+def largest_other_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """The largest logit other than the target's: float[batch, length]."""
     hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
-    return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return jnp.max(jnp.where(hit, -jnp.inf, logits), axis=-1)
 
 
 def predicts_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """bool[batch, length]: the target's logit is larger than every other one (the argmax is the target, and
     not tied with another token).
 
-    Written as a comparison with the largest other logit, a plain max that XLA fuses with the loss's reductions
-    over the same logits; jnp.argmax is a reduction over (value, index) pairs, which on a CPU took longer than
-    the whole loss.
+    A comparison with the largest other logit, which the loss computes too; jnp.argmax is a reduction over
+    (value, index) pairs, which on a CPU took longer than the whole loss.
     """
-    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
-    others = jnp.max(jnp.where(hit, -jnp.inf, logits), axis=-1)
-    return target_logits(logits, targets) > others
+    return target_logits(logits, targets) > largest_other_logits(logits, targets)
 
 
 def loss_denominator(
