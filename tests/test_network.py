@@ -264,9 +264,14 @@ def test_attention_core_equals_softmax_reference(bias_shape, mask_shape, dropout
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_bytes, steps", [(layers.ATTENTION_CHUNK_BYTES, 1), (2 * 3 * 5 * 7 * 4, 2), (1, 4)])
-def test_attention_chunking_takes_the_largest_chunk_that_fits(chunk_bytes, steps):
-    assert layers._attention_chunking((4, 5, 3, 4), 7, chunk_bytes) == (steps, 1)
+@pytest.mark.parametrize("chunk_bytes, whole_bytes, steps", [
+    (1, 4 * 420, 1),  # the whole batch's logits (4 examples of 3 x 5 x 7 float32: 420 bytes) fit
+    (2 * 420, 2 * 420, 2),
+    (3 * 420, 3 * 420, 2),  # the largest chunk that fits and divides the batch
+    (1, 1, 4),  # one example, whatever its size
+])
+def test_attention_chunking_takes_the_largest_chunk_that_fits(chunk_bytes, whole_bytes, steps):
+    assert layers._attention_chunking((4, 5, 3, 4), 7, chunk_bytes, whole_bytes) == (steps, 1)
 
 
 def test_attention_core_bfloat16_is_close_to_float32():

@@ -99,6 +99,7 @@ def test_attention_in_batch_chunks_on_a_mesh_equals_single_device(mesh_shape, si
     loops = lambda trainer: trainer.lower_train_step(random_batch()).as_text().count("stablehlo.while")
     assert loops(make_trainer(mesh_shape, 1)) == 0
     monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", 1)
+    monkeypatch.setattr(layers, "ATTENTION_WHOLE_BYTES", 1)
     trainer = make_trainer.__wrapped__(mesh_shape, 1)
     assert loops(trainer) > 0
     state = jax.device_put(single_device_run["init"], trainer.state_shardings)
