@@ -7,8 +7,9 @@ adds, the loss) and gathers (embedding lookups, relative position biases) count 
 percent of a step at T5 sizes, and hardware peaks are quoted for matmuls.
 
 Training is 3x the forward pass: the backward pass multiplies by each matmul's two operands' transposes,
-twice the forward's matmuls (every matmul here has a trainable input on both sides). Rematerialised
-recomputation is not counted, so `mfu` is model FLOPs utilisation, not hardware FLOPs utilisation.
+twice the forward's matmuls (every matmul here has a trainable input on both sides). Recomputation is not
+counted (rematerialisation, and the attention backward pass's QK^T, see `layers.dot_product_attention`), so `mfu`
+is model FLOPs utilisation, not hardware FLOPs utilisation.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
 `relpos_buckets`, and `layers` when scanned) and key activations are constrained with logical names
 (`batch`, `length`, `embed`, `mlp`, `joined_kv`, `heads`, `kv`, `vocab`). The rules in
-`partitioning.py` map them onto a mesh; nothing here knows about meshes.
+`partitioning.py` map them onto a mesh; nothing here names a mesh axis. Attention alone asks, through the same
+logical names and rules (as a logical constraint does), how many ways `batch` and `heads` are split, to size its
+per-device batch chunks.
 """
 from __future__ import annotations
 
