@@ -419,10 +419,13 @@ def _attention_bwd(steps, shards, residuals, g):
             d_logits = jnp.where(mask, d_logits, 0.0)
         d_bias = None
         if bias is not None:
-            broadcast = tuple(i for i in range(4) if bias.shape[i] == 1 and d_logits.shape[i] != 1)
+            broadcast = tuple(i for i in range(1, 4) if bias.shape[i] == 1 and d_logits.shape[i] != 1)
             d_bias = jnp.sum(d_logits, axis=broadcast, keepdims=True)
             if shared_bias:
-                d_bias_sum, d_bias = d_bias_sum + d_bias, None
+                # Summed over each device's own examples only: the sum over devices, an all-reduce, is taken
+                # once after the last chunk rather than in every one.
+                per_shard = d_bias.reshape((shards, -1) + d_bias.shape[1:]).sum(axis=1)
+                d_bias_sum, d_bias = d_bias_sum + per_shard, None
         d_logits = d_logits.astype(query.dtype)
         # dQ as the [b, h, q, d] product dS K, reading dS as it lies: with jnp.einsum XLA computed dQ^T = K^T dS^T
         # and wrote a transposed copy of dS, the costliest elementwise op of the backward pass.
@@ -432,11 +435,13 @@ def _attention_bwd(steps, shards, residuals, g):
         d_key = jnp.einsum("bhqk,bqhd->bkhd", d_logits, query, preferred_element_type=jnp.float32)
         return d_bias_sum, (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value, d_bias)
 
-    d_bias_sum = jnp.zeros(bias.shape, jnp.float32) if shared_bias else None
+    d_bias_sum = None
+    if shared_bias:
+        d_bias_sum = constrain(jnp.zeros((shards,) + bias.shape[1:], jnp.float32), ("batch", None, None, None))
     d_bias_sum, (d_query, d_key, d_value, d_bias) = _over_batch_chunks(
         chunk_grads, d_bias_sum, (query, key, value, bias, mask, keep, out, row_max, inv_sum, g), steps, shards)
     if bias is not None:
-        d_bias = (d_bias_sum if shared_bias else d_bias).astype(bias.dtype)
+        d_bias = (jnp.sum(d_bias_sum, axis=0, keepdims=True) if shared_bias else d_bias).astype(bias.dtype)
     return d_query, d_key, d_value, d_bias, None, None
 
 
@@ -463,8 +468,8 @@ def dot_product_attention(
     Memory traffic, not arithmetic, bounds attention on a CPU: one pass over T5-small's [8, 6, 512, 512] float32
     logits costs about as much as the QK^T matmul. So the batch is processed in chunks whose logits stay in cache
     (`chunk_bytes` per device; by default a batch within ATTENTION_WHOLE_BYTES runs whole, a larger one in
-    chunks within ATTENTION_CHUNK_BYTES), and nothing [b, h, q, k]-sized is kept for the backward pass: it recomputes the
-    logits from q and k and the saved row max and sum. A batch-broadcast bias's gradient is summed over the
+    chunks within ATTENTION_CHUNK_BYTES), and nothing [b, h, q, k]-sized is kept for the backward pass: it
+    recomputes the logits from q and k and the saved row max and sum. A batch-broadcast bias's gradient is summed over the
     chunks as they go. On a mesh, every device takes its own share of each chunk.
 
     The division by the softmax's row sums is applied to the output ([.., d] wide) rather than to the weights
