@@ -469,19 +469,16 @@ def dot_product_attention(
     logits costs about as much as the QK^T matmul. So the batch is processed in chunks whose logits stay in cache
     (`chunk_bytes` per device; by default a batch within ATTENTION_WHOLE_BYTES runs whole, a larger one in
     chunks within ATTENTION_CHUNK_BYTES), and nothing [b, h, q, k]-sized is kept for the backward pass: it
-    recomputes the logits from q and k and the saved row max and sum. A batch-broadcast bias's gradient is summed over the
-    chunks as they go. On a mesh, every device takes its own share of each chunk.
+    recomputes the logits from q and k and the saved row max and sum. A batch-broadcast bias's gradient is summed
+    over the chunks as they go. On a mesh, every device takes its own share of each chunk.
 
     The division by the softmax's row sums is applied to the output ([.., d] wide) rather than to the weights
     ([.., k] wide), and the gradient is written out: with P the weights, O the output and G its cotangent,
     dlogits = P * (G V^T - rowsum(G * O)), where rowsum(G * O) equals rowsum(P * G V^T) and costs a pass over
     [.., d] instead of [.., k].
     """
-    if chunk_bytes is None:
-        chunking = _attention_chunking(query.shape, key.shape[1], ATTENTION_CHUNK_BYTES, ATTENTION_WHOLE_BYTES)
-    else:
-        chunking = _attention_chunking(query.shape, key.shape[1], chunk_bytes, chunk_bytes)
-    steps, shards = chunking
+    budgets = (ATTENTION_CHUNK_BYTES, ATTENTION_WHOLE_BYTES) if chunk_bytes is None else (chunk_bytes, chunk_bytes)
+    steps, shards = _attention_chunking(query.shape, key.shape[1], *budgets)
     return _attention(query, key, value, bias, mask, keep, steps, shards)
 
 

@@ -72,9 +72,13 @@ def _target_logits_fwd(vocab_size, logits, targets):
     return _target_logits(vocab_size, logits, targets), targets
 
 
+def _is_target(vocab_size: int, targets: jax.Array) -> jax.Array:
+    """bool[batch, length, vocab]: True at each target's index."""
+    return jnp.arange(vocab_size, dtype=targets.dtype) == targets[..., None]
+
+
 def _target_logits_bwd(vocab_size, targets, g):
-    hit = jnp.arange(vocab_size, dtype=targets.dtype) == targets[..., None]
-    return jnp.where(hit, g[..., None], 0.0), None
+    return jnp.where(_is_target(vocab_size, targets), g[..., None], 0.0), None
 
 
 _target_logits.defvjp(_target_logits_fwd, _target_logits_bwd)
@@ -92,8 +96,7 @@ def target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def largest_other_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """The largest logit other than the target's: float[batch, length]."""
-    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
-    return jnp.max(jnp.where(hit, -jnp.inf, logits), axis=-1)
+    return jnp.max(jnp.where(_is_target(logits.shape[-1], targets), -jnp.inf, logits), axis=-1)
 
 
 def predicts_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
