@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5x_lite import accounting, network, optimizers, partitioning, trainer  # noqa: E402
+from t5x_lite import accounting, host_memory, network, optimizers, partitioning, trainer  # noqa: E402
 
 OPTIMIZERS = {"adafactor": optimizers.adafactor, "adamw": optimizers.adamw}
 # The HF side's optimizer for each JAX one (scripts/hf_benchmark.py describes them); Adafactor has two choices.
@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak_matmul_size", type=int, default=2048, help="n of the n x n x n peak matmul")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json_out", default=None, help="write the results here as JSON")
+    parser.add_argument("--keep_freed_host_memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="on the CPU, keep the memory XLA frees for the next step, as the entry points do "
+                             "(t5x_lite/host_memory.py); with --against hf, HF's process does the same")
     parser.add_argument("--against", choices=("hf",), default=None,
                         help="hf: also time transformers' T5ForConditionalGeneration (PyTorch, CPU) on the same shapes")
     parser.add_argument("--hf_optimizer", default=None,
@@ -194,7 +197,9 @@ def device_peak_memory(devices) -> int | None:
     return max(peaks) if peaks else None
 
 
-def run(args) -> dict:
+def run(args, host_memory_kept: bool = False) -> dict:
+    """Times the train step; `host_memory_kept` (recorded in the report) says whether main() set malloc to keep
+    freed memory before JAX started."""
     model = build_model(args.gin_file, args.gin_bindings, args.dtype)
     config = model.config
     mesh_shape = tuple(int(s) for s in args.mesh_shape.split(",")) if args.mesh_shape else None
@@ -278,6 +283,7 @@ def run(args) -> dict:
             "jax_version": jax.__version__,
             "steps": args.steps,
             "warmup": args.warmup,
+            "host_memory_kept": host_memory_kept,
         },
         "results": {
             "init_seconds": init_seconds,
@@ -333,6 +339,7 @@ def compare_hf(args, report: dict) -> dict:
         "threads": args.hf_threads or os.cpu_count(),
         "expected_parameters": report["model"]["parameters"],
         "peak_matmul_size": args.peak_matmul_size,
+        "keep_freed_host_memory": setup.get("host_memory_kept", False),
     }
     print(f"timing transformers' T5ForConditionalGeneration in its own process ({spec['threads']} threads) ...",
           file=sys.stderr)
@@ -403,6 +410,8 @@ def format_table(report: dict) -> str:
         ("batch", f"{setup['batch_size']} x ({setup['inputs_length']} inputs + {setup['targets_length']} targets), "
                   f"{setup['num_microbatches']} microbatch(es), {setup['optimizer']}"),
         ("devices", f"{setup['devices']} x {setup['device_kind']} ({setup['platform']}), mesh {setup['mesh']}"),
+        ("freed host memory", "kept for the next step (t5x_lite.host_memory)" if setup.get("host_memory_kept")
+                              else "given back to the kernel (malloc's defaults)"),
         ("init (incl. compile)", f"{r['init_seconds']:.2f} s"),
         ("compile (lower + compile)", f"{r['lower_seconds'] + r['compile_seconds']:.2f} s "
                                       f"({r['lower_seconds']:.2f} + {r['compile_seconds']:.2f})"),
@@ -430,6 +439,8 @@ def format_table(report: dict) -> str:
             ("HF setup", f"train mode, dropout {hf['dropout_rate']}, {hf['dtype']}, "
                          f"attention {hf['attention_implementation']}"),
             ("HF optimizer", hf["optimizer"]),
+            ("HF freed host memory", "kept for the next step, as the JAX side's" if hf.get("host_memory_kept")
+                                     else "given back to the kernel (malloc's defaults)"),
             ("HF warmup steps", ", ".join(f"{s:.2f} s" for s in hf["warmup_seconds_all"]) or "none"),
             ("HF step time median / min", f"{hf['step_seconds_median'] * 1e3:.1f} / {hf['step_seconds_min'] * 1e3:.1f}"
                                           f" ms over {len(hf['step_seconds_all'])} steps"),
@@ -462,7 +473,9 @@ def format_table(report: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    report = run(args)
+    # Before JAX starts its threads (run() is the first to touch a device).
+    kept = args.keep_freed_host_memory and host_memory.jax_runs_on_cpu() and host_memory.keep_freed_memory()
+    report = run(args, host_memory_kept=kept)
     try:
         if args.against == "hf":
             report["hf"] = compare_hf(args, report)

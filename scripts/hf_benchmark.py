@@ -23,6 +23,9 @@ import time
 
 import numpy as np
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
 # T5.1.1 and T5X train with Adafactor: a factored second moment and no momentum.
 OPTIMIZER_DESCRIPTIONS = {
     "torch": "torch.optim.Adafactor (factored second moment, no momentum, beta2_decay -0.8, update clipping 1.0, "
@@ -180,6 +183,7 @@ def run(spec: dict) -> dict:
         "torch_matmul_peak_source": f"{spec['peak_matmul_size']}^3 {'bfloat16' if bfloat16 else 'float32'} "
                                     f"torch.matmul, {threads} threads",
         "peak_host_memory_bytes": peak_rss_bytes(),
+        "host_memory_kept": bool(spec.get("keep_freed_host_memory")),
     }
 
 
@@ -190,6 +194,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     with open(args.spec) as f:
         spec = json.load(f)
+    if spec.get("keep_freed_host_memory"):
+        # As the JAX process did, so that the two compare as frameworks, not as malloc settings; before torch
+        # starts its threads.
+        from t5x_lite import host_memory
+
+        spec["keep_freed_host_memory"] = host_memory.keep_freed_memory()
     results = run(spec)
     with open(args.json_out, "w") as f:
         json.dump(results, f, indent=2)

@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from etils import epath
 
-from t5x_lite import checkpoints, data, decoding, distributed, gin_utils, models, partitioning
+from t5x_lite import checkpoints, data, decoding, distributed, gin_utils, host_memory, models, partitioning
 from t5x_lite import predictor as predictor_lib
 
 REQUIRED_MACROS = ("CHECKPOINT_PATH", "EVAL_OUTPUT_DIR", "MIXTURE_OR_TASK_NAME")
@@ -325,9 +325,11 @@ def run_entry_point(entry_point: Callable[..., Any], required_macros: Sequence[s
     flags.DEFINE_multi_string("gin_bindings", [], "individual gin bindings, applied after the files")
     flags.DEFINE_multi_string("gin_search_paths", [], "extra folders in which to look for gin files and includes")
     distributed.define_flags()
+    host_memory.define_flags()
 
     def main(argv: Sequence[str]) -> None:
         del argv
+        host_memory.keep_freed_memory_from_flags()  # before JAX starts its threads
         distributed.initialize_from_flags()  # before anything touches a device
         gin_utils.parse(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings, flags.FLAGS.gin_search_paths)
         gin_utils.check_required_macros(required_macros)

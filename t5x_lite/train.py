@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from t5x_lite import eval as eval_lib
 
-from t5x_lite import checkpoints, data, distributed, gin_utils, models, optimizers, partitioning, trainer as trainer_lib
+from t5x_lite import checkpoints, data, distributed, gin_utils, host_memory, models, optimizers, partitioning, trainer as trainer_lib
 
 REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "BATCH_SIZE")
 OPTIONAL_MACROS = ("INITIAL_CHECKPOINT_PATH",)
@@ -200,6 +200,7 @@ def train(
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    host_memory.keep_freed_memory_from_flags()  # before JAX starts its threads
     distributed.initialize_from_flags()  # before anything touches a device
     flags_ = flags.FLAGS
     gin_utils.parse(flags_.gin_file, flags_.gin_bindings, flags_.gin_search_paths)
@@ -231,6 +232,7 @@ def run_from_command_line() -> None:
     flags.DEFINE_multi_string("gin_bindings", [], "individual gin bindings, applied after the files")
     flags.DEFINE_multi_string("gin_search_paths", [], "extra folders in which to look for gin files and includes")
     distributed.define_flags()
+    host_memory.define_flags()
     app.run(main, argv=gin_utils.rewrite_gin_shorthand(sys.argv))
 
 
