@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 import jax  # noqa: E402
 
 import benchmark  # noqa: E402
-from t5x_lite import partitioning, trainer  # noqa: E402
+from t5x_lite import host_memory, partitioning, trainer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +72,8 @@ def op_times(xplane_path: str) -> dict[str, float]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if host_memory.jax_runs_on_cpu():  # as the entry points and the benchmark, before JAX starts its threads
+        host_memory.keep_freed_memory()
     model = benchmark.build_model(args.gin_file, args.gin_bindings, args.dtype)
     partitioner = partitioning.Partitioner((1, 1))
     train = trainer.Trainer(model, partitioner, benchmark.OPTIMIZERS["adafactor"])
