@@ -474,7 +474,7 @@ def format_table(report: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     # Before JAX starts its threads (run() is the first to touch a device).
-    kept = args.keep_freed_host_memory and host_memory.jax_runs_on_cpu() and host_memory.keep_freed_memory()
+    kept = args.keep_freed_host_memory and host_memory.keep_freed_memory_on_cpu()
     report = run(args, host_memory_kept=kept)
     try:
         if args.against == "hf":

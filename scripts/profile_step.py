@@ -72,8 +72,7 @@ def op_times(xplane_path: str) -> dict[str, float]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if host_memory.jax_runs_on_cpu():  # as the entry points and the benchmark, before JAX starts its threads
-        host_memory.keep_freed_memory()
+    host_memory.keep_freed_memory_on_cpu()  # as the entry points and the benchmark, before JAX starts its threads
     model = benchmark.build_model(args.gin_file, args.gin_bindings, args.dtype)
     partitioner = partitioning.Partitioner((1, 1))
     train = trainer.Trainer(model, partitioner, benchmark.OPTIMIZERS["adafactor"])

@@ -15,11 +15,11 @@ figures in the README). The cost is that the process's resident memory stays at 
 a training process reaches every step anyway.
 
 Call it first thing in a process, before JAX starts its backend: a thread that already has an arena of its own
-keeps it (called after, it changes nothing). The entry points (train, eval, infer, the experiment) and the
-benchmarks call `keep_freed_memory_from_flags()`, which does so when JAX is going to run on the CPU; on a GPU or
-TPU host the large buffers are on the device, and one arena would only slow the input pipeline's threads
-(measured here: a span-corruption pipeline 35% slower with one arena). `--keep_freed_host_memory=false` turns it
-off. It does nothing where the C library is not glibc (macOS, musl).
+keeps it (called after, it changes nothing). The entry points (train, eval, infer, the experiment), the
+benchmark and the step profiler call `keep_freed_memory_on_cpu()`, which does so when JAX is going to run on the
+CPU; on a GPU or TPU host the large buffers are on the device, and one arena would only slow the input pipeline's
+threads (measured here: a span-corruption pipeline about 37% slower with one arena). The entry points'
+`--keep_freed_host_memory=false` turns it off. It does nothing where the C library is not glibc (macOS, musl).
 """
 from __future__ import annotations
 
@@ -65,6 +65,11 @@ def jax_runs_on_cpu() -> bool:
     return not any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
 
 
+def keep_freed_memory_on_cpu() -> bool:
+    """`keep_freed_memory()` when JAX is going to run on the CPU; False, having done nothing, elsewhere."""
+    return jax_runs_on_cpu() and keep_freed_memory()
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """--keep_freed_host_memory, for the entry points' command lines (once; later calls do nothing)."""
     if "keep_freed_host_memory" in flag_values:
@@ -78,5 +83,5 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def keep_freed_memory_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
-    """`keep_freed_memory()` when JAX is going to run on the CPU, unless --keep_freed_host_memory=false."""
-    return flag_values.keep_freed_host_memory and jax_runs_on_cpu() and keep_freed_memory()
+    """`keep_freed_memory_on_cpu()` unless --keep_freed_host_memory=false."""
+    return flag_values.keep_freed_host_memory and keep_freed_memory_on_cpu()

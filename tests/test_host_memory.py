@@ -4,7 +4,7 @@ Each case runs in a fresh process (malloc's settings are per process and must co
 imports tensorflow and seqio first, as the entry points do, and counts the minor page faults (getrusage) of each of
 STEPS train steps of a tiny model at a batch large enough (32 x 512/128) that XLA's buffers are mmapped by
 default:
-  - by default every step faults its buffers in afresh (~100,000 pages of 4 KiB here);
+  - by default every step faults its buffers in afresh (about 63,600 pages of 4 KiB here);
   - after keep_freed_memory() the median step faults in under 2% of that. Not every step: now and then a freed
     block can't take the next one (malloc's alignment padding) and the heap grows once more (measured: 0-1 of 8).
 """
