@@ -462,7 +462,7 @@ def dot_product_attention(
 
     query: [batch, q, heads, d]; key, value: [batch, k, heads, d]; bias: float[batch|1, heads|1, q, k] or None;
     mask: bool[batch|1, heads|1, q|1, k] (True: attend) or None; keep: the dropout multiplier of the weights
-    (0 or 1 / (1 - rate)), [batch, heads, q, k] in value's dtype, or None. Returns [batch, q, heads, d] in value's
+    (0 or 1 / (1 - rate)), [batch, heads, q|1, k] in value's dtype, or None. Returns [batch, q, heads, d] in value's
     dtype. A fully masked row attends evenly to every key.
 
     Memory traffic, not arithmetic, bounds attention on a CPU: one pass over T5-small's [8, 6, 512, 512] float32
@@ -567,11 +567,13 @@ class MultiHeadAttention(nn.Module):
 
         keep = None
         if not deterministic and self.dropout_rate > 0.0:
-            batch, q_len, heads, _ = query.shape
-            mask = jax.random.bernoulli(
-                self.make_rng("dropout"), 1.0 - self.dropout_rate, (batch, heads, q_len, key.shape[1])
+            # T5X's attention dropout: one keep-pattern per (example, head, key), shared by every query. It scales
+            # the weights after the softmax and is applied on top of the mask, never in its place.
+            batch, _, heads, _ = query.shape
+            kept = jax.random.bernoulli(
+                self.make_rng("dropout"), 1.0 - self.dropout_rate, (batch, heads, 1, key.shape[1])
             )
-            keep = jnp.where(mask, 1.0 / (1.0 - self.dropout_rate), 0.0).astype(self.dtype)
+            keep = jnp.where(kept, 1.0 / (1.0 - self.dropout_rate), 0.0).astype(self.dtype)
         out = dot_product_attention(query, key, value, bias, mask, keep)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out = out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
