@@ -1,8 +1,9 @@
 """Cross entropy with z-loss and label smoothing, and how the summed loss is normalised.
 
 The functions return sums over the batch so that gradient accumulation over microbatches is exact: the
-trainer divides by the denominator of the whole batch (`loss_denominator`). What is logged is always the
-loss per target token, whatever the normalisation used for the gradient.
+trainer divides by the denominator of the whole batch (`loss_denominator`). The normalisation has T5X's names
+(`loss_normalizing_factor`: None, a number, or a `SpecialLossNormalizingFactor`); the logged `loss` is always the
+loss per target token, and the optimised one is logged beside it under `loss/<normalization>`.
 """
 from __future__ import annotations
 
@@ -13,18 +14,49 @@ import jax
 import jax.numpy as jnp
 
 
-class LossNormalizer(enum.Enum):
-    """What the summed loss is divided by before differentiation.
+class SpecialLossNormalizingFactor(enum.Enum):
+    """T5X's `loss_normalizing_factor` values that depend on the batch (the others: None, the summed loss, and a
+    positive number, a fixed divisor, e.g. the 233472 T5X suggests to fine-tune T5's Mesh TensorFlow checkpoints).
 
-    PER_TOKEN: the batch's total loss weight (the mean loss per target token); the default.
-    NUM_REAL_TARGET_TOKENS: the number of non-padding target tokens (T5X's option of that name).
-    CONSTANT: a fixed number (T5X's `loss_normalizing_factor`, e.g. batch 128 x 114 targets x 16 = 233472),
-      which keeps the gradient's scale independent of how full the batch is.
+    NUM_REAL_TARGET_TOKENS: the batch's summed loss weights (`decoder_loss_weights`, else the non-padding target
+      tokens): the mean loss per target token. t5x_lite's default.
+    NUM_TOTAL_TARGET_TOKENS: batch size x targets length, padding included.
+    AVERAGE_PER_SEQUENCE: each sequence's (packed: each segment's) mean loss per token, averaged over the
+      sequences, so that every example weighs the same whatever its length.
     """
 
-    PER_TOKEN = "per_token"
-    NUM_REAL_TARGET_TOKENS = "num_real_target_tokens"
-    CONSTANT = "constant"
+    NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
+    NUM_TOTAL_TARGET_TOKENS = "NUM_TOTAL_TARGET_TOKENS"
+    AVERAGE_PER_SEQUENCE = "AVERAGE_PER_SEQUENCE"
+
+
+LossNormalizingFactor = float | int | str | SpecialLossNormalizingFactor | None
+
+
+def parse_loss_normalizing_factor(factor: LossNormalizingFactor) -> float | SpecialLossNormalizingFactor | None:
+    """None, a positive number, or a SpecialLossNormalizingFactor (also by name, in any case, as gin gives it)."""
+    if factor is None or isinstance(factor, SpecialLossNormalizingFactor):
+        return factor
+    if isinstance(factor, str):
+        try:
+            return SpecialLossNormalizingFactor[factor.upper()]
+        except KeyError:
+            raise ValueError(f"loss_normalizing_factor={factor!r}; valid: None (sum), a positive number, or one of "
+                             f"{[f.name for f in SpecialLossNormalizingFactor]}") from None
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0:
+        return float(factor)
+    raise ValueError(f"loss_normalizing_factor={factor!r}; valid: None (sum), a positive number, or one of "
+                     f"{[f.name for f in SpecialLossNormalizingFactor]}")
+
+
+def loss_normalizing_factor_name(factor: LossNormalizingFactor) -> str:
+    """How the optimised loss is normalised, for metric names: 'sum', 'divided_by_<number>' or the factor's name."""
+    factor = parse_loss_normalizing_factor(factor)
+    if factor is None:
+        return "sum"
+    if isinstance(factor, SpecialLossNormalizingFactor):
+        return factor.name
+    return f"divided_by_{factor:g}"
 
 
 def cross_entropy_with_z_loss(
@@ -109,18 +141,35 @@ def predicts_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return target_logits(logits, targets) > largest_other_logits(logits, targets)
 
 
+def per_sequence_weights(weights: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """AVERAGE_PER_SEQUENCE's weights: each token's weight divided by its sequence's total weight (in a packed
+    row, its segment's), so that each sequence's weights sum to 1 (0 for a sequence without weight).
+
+    weights: float[batch, length]; segment_ids: int[batch, length] (0 for padding) or None -> float32[batch, length].
+    """
+    weights = weights.astype(jnp.float32)
+    if segment_ids is None:
+        totals = jnp.sum(weights, axis=-1, keepdims=True)
+    else:
+        num_segments = segment_ids.shape[-1] + 1
+        per_segment = jax.vmap(lambda w, s: jax.ops.segment_sum(w, s, num_segments))(weights, segment_ids)
+        totals = jnp.take_along_axis(per_segment, segment_ids, axis=-1)
+    return jnp.where(totals > 0, weights / jnp.where(totals > 0, totals, 1.0), 0.0)
+
+
 def loss_denominator(
-    weights: jax.Array,
-    target_tokens: jax.Array,
-    normalizer: LossNormalizer | str = LossNormalizer.PER_TOKEN,
-    constant: float | None = None,
+    factor: LossNormalizingFactor, weights: jax.Array, target_tokens: jax.Array
 ) -> jax.Array:
-    """The number the summed loss of a whole batch is divided by; weights, target_tokens: [batch, length]."""
-    normalizer = LossNormalizer(normalizer)
-    if normalizer is LossNormalizer.PER_TOKEN:
+    """What the summed loss of a whole batch is divided by: a float32 scalar.
+
+    weights: the loss weights the loss is summed with (for AVERAGE_PER_SEQUENCE, `per_sequence_weights`'s), and
+    target_tokens: int[batch, length]. A batch without weight is divided by a tiny number, not by zero.
+    """
+    factor = parse_loss_normalizing_factor(factor)
+    if factor is None:
+        return jnp.ones([], jnp.float32)
+    if factor is SpecialLossNormalizingFactor.NUM_TOTAL_TARGET_TOKENS:
+        return jnp.asarray(target_tokens.size, jnp.float32)
+    if isinstance(factor, SpecialLossNormalizingFactor):  # the real tokens, or the sequences
         return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1e-8)
-    if normalizer is LossNormalizer.NUM_REAL_TARGET_TOKENS:
-        return jnp.maximum(jnp.sum(target_tokens > 0).astype(jnp.float32), 1.0)
-    if constant is None or constant <= 0:
-        raise ValueError(f"loss normalizer 'constant' needs a positive loss_normalizing_constant, got {constant}")
-    return jnp.asarray(constant, jnp.float32)
+    return jnp.asarray(factor, jnp.float32)

@@ -28,8 +28,9 @@ class EncoderDecoderModel:
       config: the network's shapes and switches.
       z_loss: weight of the log(Z)^2 term.
       label_smoothing: target mass spread over the other tokens.
-      loss_normalizer: see `losses.LossNormalizer`; per target token by default.
-      loss_normalizing_constant: the divisor for the `constant` normalizer.
+      loss_normalizing_factor: T5X's: what the batch's summed loss is divided by for the gradient: None (the
+        sum), a positive number, or a `losses.SpecialLossNormalizingFactor` (or its name); by default
+        NUM_REAL_TARGET_TOKENS, the mean loss per target token.
     """
 
     def __init__(
@@ -38,17 +39,18 @@ class EncoderDecoderModel:
         *,
         z_loss: float = 1e-4,
         label_smoothing: float = 0.0,
-        loss_normalizer: losses.LossNormalizer | str = losses.LossNormalizer.PER_TOKEN,
-        loss_normalizing_constant: float | None = None,
+        loss_normalizing_factor: losses.LossNormalizingFactor = "NUM_REAL_TARGET_TOKENS",
     ):
         self.config = config
         self.module = network.Transformer(config)
         self.z_loss = z_loss
         self.label_smoothing = label_smoothing
-        self.loss_normalizer = losses.LossNormalizer(loss_normalizer)
-        self.loss_normalizing_constant = loss_normalizing_constant
-        if self.loss_normalizer is losses.LossNormalizer.CONSTANT and not loss_normalizing_constant:
-            raise ValueError("loss_normalizer='constant' needs loss_normalizing_constant > 0")
+        self.loss_normalizing_factor = losses.parse_loss_normalizing_factor(loss_normalizing_factor)
+
+    @property
+    def objective_name(self) -> str:
+        """The optimised loss's metric name: `loss/<normalization>`, e.g. `loss/NUM_REAL_TARGET_TOKENS`."""
+        return "loss/" + losses.loss_normalizing_factor_name(self.loss_normalizing_factor)
 
     def init(self, rng: jax.Array, encoder_length: int = 1, decoder_length: int = 1) -> Any:
         """Parameters wrapped in flax LogicallyPartitioned boxes (their logical axis names)."""
@@ -70,13 +72,23 @@ class EncoderDecoderModel:
         )
 
     def loss_weights(self, batch: Batch) -> jax.Array:
+        """float32[batch, length]: `decoder_loss_weights`, else 1 for every non-padding target token."""
         if "decoder_loss_weights" in batch:
             return batch["decoder_loss_weights"].astype(jnp.float32)
         return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
 
+    def objective_weights(self, batch: Batch) -> jax.Array:
+        """The weights the optimised loss is summed with: the loss weights, or for AVERAGE_PER_SEQUENCE those
+        divided by each sequence's (packed: segment's) total."""
+        weights = self.loss_weights(batch)
+        if self.loss_normalizing_factor is losses.SpecialLossNormalizingFactor.AVERAGE_PER_SEQUENCE:
+            return losses.per_sequence_weights(weights, batch.get("decoder_segment_ids"))
+        return weights
+
     def loss_sums(self, params: Any, batch: Batch, *, dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Batch sums (float32 scalars): `loss` (z-loss included), `z_loss`, `weight` (target tokens counted)
-        and `correct` (the target tokens predicted: their logit is the largest, untied)."""
+        """Batch sums (float32 scalars): `loss` (z-loss included), `z_loss`, `weight` (the loss weights),
+        `correct` (the target tokens predicted: their logit is the largest, untied), all over the loss weights,
+        and `objective`, the loss summed with `objective_weights` (divide it by `loss_denominator`)."""
         logits = self.logits(params, batch, dropout_rng=dropout_rng)
         targets = batch["decoder_target_tokens"]
         weights = self.loss_weights(batch)
@@ -89,15 +101,13 @@ class EncoderDecoderModel:
             "z_loss": jnp.sum(z_loss * weights),
             "weight": jnp.sum(weights),
             "correct": jnp.sum(correct * weights),
+            "objective": jnp.sum(loss * self.objective_weights(batch)),
         }
 
     def loss_denominator(self, batch: Batch) -> jax.Array:
-        """What the summed loss of this (whole) batch is divided by for the gradient."""
+        """What the `objective` sum of this (whole) batch is divided by for the gradient."""
         return losses.loss_denominator(
-            self.loss_weights(batch),
-            batch["decoder_target_tokens"],
-            self.loss_normalizer,
-            self.loss_normalizing_constant,
+            self.loss_normalizing_factor, self.objective_weights(batch), batch["decoder_target_tokens"]
         )
 
     def score(self, params: Any, batch: Batch) -> jax.Array:

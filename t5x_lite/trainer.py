@@ -120,7 +120,8 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update. `state` is donated. Metrics are device scalars: loss and z_loss per target
-        token, accuracy, learning_rate, grad_norm, and the sums behind them."""
+        token, accuracy, the optimised loss (`model.objective_name`, e.g. `loss/NUM_REAL_TARGET_TOKENS`),
+        learning_rate, grad_norm, and the weight summed."""
         with self.partitioner.activation_context():
             return self._train_step(state, batch, self.dropout_rng)
 
@@ -158,7 +159,7 @@ class Trainer:
 
         def loss_fn(p, microbatch, rng):
             sums = self.model.loss_sums(p, microbatch, dropout_rng=rng)
-            return sums["loss"] / denominator, sums
+            return sums["objective"] / denominator, sums
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if self.num_microbatches == 1:
@@ -185,7 +186,8 @@ class Trainer:
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zeros_grads = jax.tree.map(jnp.zeros_like, params)
-        zeros_sums = {k: jnp.zeros([], jnp.float32) for k in ("loss", "z_loss", "weight", "correct")}
+        sums_shape = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], microbatches), dropout_rng))[1]
+        zeros_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
         (grads, sums), _ = jax.lax.scan(body, (zeros_grads, zeros_sums), (jnp.arange(m), microbatches))
         return grads, sums
 
@@ -196,6 +198,7 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = summarize(sums)
+        metrics[self.model.objective_name] = sums["objective"] / self.model.loss_denominator(batch)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if self.learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(self.learning_rate_fn(state.step), jnp.float32)

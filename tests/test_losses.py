@@ -116,35 +116,45 @@ def test_predicts_target_is_an_untied_argmax():
     assert got[0].all() and not got[1, 0] and not got[1, 1] and 0 < got.sum() < got.size
 
 
-def test_loss_denominator_for_each_normalizer():
+def test_loss_denominator_for_each_normalizing_factor():
+    """T5X's loss_normalizing_factor: None sums, a number divides, NUM_REAL_TARGET_TOKENS is the sum of the loss
+    weights (not the count of non-padding tokens when the weights differ), NUM_TOTAL_TARGET_TOKENS counts padding
+    too, AVERAGE_PER_SEQUENCE counts the sequences (its weights sum to 1 per sequence)."""
     targets = np.array([[5, 6, 0, 0], [7, 0, 0, 0], [3, 4, 5, 6]], np.int32)
     # Weights that differ from (targets > 0), as a packed or weighted batch may give.
     weights = np.array([[1.0, 0.5, 0, 0], [1.0, 0, 0, 0], [0.25, 1.0, 1.0, 0]], np.float32)
-    per_token = losses.loss_denominator(weights, targets, "per_token")
-    np.testing.assert_allclose(per_token, 4.75, rtol=1e-7)
-    assert float(losses.loss_denominator(weights, targets)) == float(per_token)  # per_token is the default
-    real_tokens = losses.loss_denominator(weights, targets, losses.LossNormalizer.NUM_REAL_TARGET_TOKENS)
-    assert float(real_tokens) == 7.0
-    constant = losses.loss_denominator(weights, targets, "constant", constant=233472.0)
-    assert float(constant) == 233472.0
+    denominator = lambda factor, w=weights: float(losses.loss_denominator(factor, w, targets))
+    assert denominator(None) == 1.0
+    assert denominator(233472) == 233472.0
+    assert denominator("NUM_REAL_TARGET_TOKENS") == 4.75
+    assert denominator("num_real_target_tokens") == 4.75  # any case, as T5X's gin strings
+    assert denominator(losses.SpecialLossNormalizingFactor.NUM_TOTAL_TARGET_TOKENS) == 12.0
+    sequence_weights = losses.per_sequence_weights(weights)
+    np.testing.assert_allclose(sequence_weights[0], [1 / 1.5, 0.5 / 1.5, 0, 0], rtol=1e-6)
+    assert denominator("AVERAGE_PER_SEQUENCE", sequence_weights) == pytest.approx(3.0)
     # An empty batch is not a division by zero.
     empty = np.zeros_like(targets)
-    assert float(losses.loss_denominator(empty.astype(np.float32), empty, "per_token")) > 0
-    assert float(losses.loss_denominator(empty.astype(np.float32), empty, "num_real_target_tokens")) == 1.0
+    assert float(losses.loss_denominator("NUM_REAL_TARGET_TOKENS", empty.astype(np.float32), empty)) > 0
 
 
-@pytest.mark.parametrize("constant", [None, 0.0, -3.0])
-def test_constant_normalizer_needs_a_positive_constant(constant):
-    weights = np.ones((2, 3), np.float32)
-    with pytest.raises(ValueError, match="constant"):
-        losses.loss_denominator(weights, weights.astype(np.int32), "constant", constant=constant)
+def test_per_sequence_weights_of_a_packed_row():
+    """Packed: each segment's weights sum to 1 (T5X's AVERAGE_PER_SEQUENCE), padding and weightless segments
+    stay 0."""
+    segments = np.array([[1, 1, 1, 2, 2, 3, 0, 0]], np.int32)
+    weights = np.array([[1, 1, 0.5, 1, 1, 0, 0, 0]], np.float32)
+    got = np.asarray(losses.per_sequence_weights(weights, segments))
+    np.testing.assert_allclose(got, [[0.4, 0.4, 0.2, 0.5, 0.5, 0, 0, 0]], rtol=1e-6)
 
 
-def test_model_rejects_constant_normalizer_without_its_constant():
-    with pytest.raises(ValueError, match="loss_normalizing_constant"):
-        models.EncoderDecoderModel(TINY, loss_normalizer="constant")
+@pytest.mark.parametrize("factor", [0.0, -3.0, True, "per_tokens", "constant"])
+def test_unknown_or_non_positive_factor_is_rejected(factor):
+    with pytest.raises(ValueError, match="loss_normalizing_factor"):
+        losses.parse_loss_normalizing_factor(factor)
+    with pytest.raises(ValueError, match="NUM_REAL_TARGET_TOKENS"):
+        models.EncoderDecoderModel(TINY, loss_normalizing_factor=factor)
 
 
-def test_unknown_normalizer_is_rejected():
-    with pytest.raises(ValueError, match="per_tokens"):
-        losses.loss_denominator(np.ones((1, 1)), np.ones((1, 1), np.int32), "per_tokens")
+def test_objective_names_its_normalization():
+    assert models.EncoderDecoderModel(TINY).objective_name == "loss/NUM_REAL_TARGET_TOKENS"
+    assert models.EncoderDecoderModel(TINY, loss_normalizing_factor=None).objective_name == "loss/sum"
+    assert models.EncoderDecoderModel(TINY, loss_normalizing_factor=233472).objective_name == "loss/divided_by_233472"
