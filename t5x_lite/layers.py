@@ -1,4 +1,4 @@
-"""Flax building blocks of T5.1.1.
+"""Flax building blocks of T5 (T5.1.1 and T5 1.0).
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
 `relpos_buckets`, and `layers` when scanned) and key activations are constrained with logical names
@@ -200,7 +200,9 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        return einsum("...e,ve->...v", x, self.embedding, self.dtype)
+        """x: [..., embed] -> float32[..., vocab]: x projected onto the table (tied output logits), in float32 as
+        T5X's `attend_dtype`."""
+        return einsum("...e,ve->...v", x, self.embedding, jnp.float32)
 
 
 def relative_position_bucket(
@@ -586,10 +588,16 @@ class MultiHeadAttention(nn.Module):
         )(out)
 
 
-class GatedMlp(nn.Module):
-    """T5.1.1's gated-GELU MLP: wo(gelu(wi_0 x) * wi_1 x)."""
+# T5X's `mlp_activations`: T5.1.1's gated GELU (the product of two projections, one through GELU) and T5 1.0's ReLU.
+MLP_ACTIVATIONS = (("gelu", "linear"), ("relu",))
+
+
+class Mlp(nn.Module):
+    """T5's MLP: wo(gelu(wi_0 x) * wi_1 x) (T5.1.1, activations ('gelu', 'linear')) or wo(relu(wi x)) (T5 1.0,
+    ('relu',)), with dropout on the hidden units."""
 
     mlp_dim: int
+    activations: tuple[str, ...] = ("gelu", "linear")
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
 
@@ -597,7 +605,12 @@ class GatedMlp(nn.Module):
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         """x: [batch, length, embed] -> [batch, length, embed]."""
         dense = functools.partial(Dense, features=self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype)
-        hidden = gated_gelu(stacked_dense(x, [dense(name="wi_0"), dense(name="wi_1")], self.dtype))
+        if self.activations == ("gelu", "linear"):
+            hidden = gated_gelu(stacked_dense(x, [dense(name="wi_0"), dense(name="wi_1")], self.dtype))
+        elif self.activations == ("relu",):
+            hidden = jax.nn.relu(dense(name="wi")(x))
+        else:
+            raise ValueError(f"mlp activations {self.activations!r}; valid: {MLP_ACTIVATIONS}")
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
         return Dense(features=x.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)

@@ -1,4 +1,4 @@
-"""The T5.1.1 encoder-decoder: one frozen config dataclass and the Flax modules it drives.
+"""The T5 encoder-decoder (T5.1.1, T5 1.0): one frozen config dataclass and the Flax modules it drives.
 
 Read top to bottom: `T5Config`, the two layer types, the stacks (optionally scanned over layers and
 rematerialised), and `Transformer` with its `encode` / `decode` methods. `scan_params` and
@@ -43,6 +43,8 @@ class T5Config:
     dtype: str = "float32"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    # T5X's names: ('gelu', 'linear') is T5.1.1's gated-GELU MLP (wi_0, wi_1), ('relu',) T5 1.0's (one wi).
+    mlp_activations: tuple[str, ...] = ("gelu", "linear")
     # T5 1.0 ties the output layer to the input embedding; T5.1.1 does not.
     logits_via_embedding: bool = False
     scan_layers: bool = False
@@ -53,6 +55,10 @@ class T5Config:
             raise ValueError(f"remat_policy={self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}; valid: 'float32', 'bfloat16'")
+        # gin gives a list where Python code gives a tuple; the frozen config keeps a (hashable) tuple.
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        if self.mlp_activations not in layers.MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activations={self.mlp_activations!r}; valid: {', '.join(map(repr, layers.MLP_ACTIVATIONS))}")
 
     @property
     def activation_dtype(self) -> jnp.dtype:
@@ -79,7 +85,8 @@ class EncoderLayer(nn.Module):
         )(h, h, bias, mask, deterministic=self.deterministic)
         x = x + _dropout(cfg)(h, deterministic=self.deterministic)
         h = layers.RMSNorm(dtype=dtype, name="pre_mlp_layer_norm")(x)
-        h = layers.GatedMlp(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, deterministic=self.deterministic)
+        h = layers.Mlp(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dtype, name="mlp")(
+            h, deterministic=self.deterministic)
         x = x + _dropout(cfg)(h, deterministic=self.deterministic)
         x = layers.constrain(x, ("batch", "length", "embed"))
         return (x, None) if cfg.scan_layers else x
@@ -110,7 +117,8 @@ class DecoderLayer(nn.Module):
         )
         y = y + _dropout(cfg)(h, deterministic=self.deterministic)
         h = layers.RMSNorm(dtype=dtype, name="pre_mlp_layer_norm")(y)
-        h = layers.GatedMlp(cfg.mlp_dim, cfg.dropout_rate, dtype, name="mlp")(h, deterministic=self.deterministic)
+        h = layers.Mlp(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dtype, name="mlp")(
+            h, deterministic=self.deterministic)
         y = y + _dropout(cfg)(h, deterministic=self.deterministic)
         y = layers.constrain(y, ("batch", "length", "embed"))
         return (y, None) if cfg.scan_layers else y
@@ -196,7 +204,7 @@ class Decoder(nn.Module):
         decode: bool,
         max_decode_length: int | None,
     ) -> Array:
-        """-> logits float[batch, length, vocab]; see `Transformer.decode` for the arguments."""
+        """-> logits float32[batch, length, vocab]; see `Transformer.decode` for the arguments."""
         cfg, dtype = self.config, self.config.activation_dtype
         y = self.embedder(decoder_input_tokens)
         y = layers.constrain(_dropout(cfg)(y, deterministic=deterministic), ("batch", "length", "embed"))
@@ -235,16 +243,18 @@ class Decoder(nn.Module):
         )
         y = layers.RMSNorm(dtype=dtype, name="decoder_norm")(y)
         y = _dropout(cfg)(y, deterministic=deterministic)
+        # The logits are float32 whatever the activations' dtype, as in T5X: the loss, the scores and the argmax
+        # all read them.
         if cfg.logits_via_embedding:
             # T5 1.0: the tied output layer rescales by 1/sqrt(d) to undo the embedding's unit variance.
-            logits = self.embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(dtype)
+            logits = self.embedder.attend(y) / jnp.sqrt(jnp.float32(y.shape[-1]))
         else:
-            logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, name="logits_dense")(y)
+            logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32, name="logits_dense")(y)
         return layers.constrain(logits, ("batch", "length", "vocab"))
 
 
 class Transformer(nn.Module):
-    """T5 encoder-decoder. `__call__` returns logits float[batch, target_length, vocab]."""
+    """T5 encoder-decoder. `__call__` returns logits float32[batch, target_length, vocab]."""
 
     config: T5Config
 

@@ -12,19 +12,25 @@ import pytest
 from t5x_lite import layers, network
 from tests.helpers import TINY, random_batch
 
+# The published parameter counts of each family's sizes.
 EXPECTED_PARAMETERS = {
-    "small": 76_961_152,
-    "base": 247_577_856,
-    "large": 783_150_080,
-    "xl": 2_849_757_184,
-    "xxl": 11_135_332_352,
+    "t5_1_1/small": 76_961_152,
+    "t5_1_1/base": 247_577_856,
+    "t5_1_1/large": 783_150_080,
+    "t5_1_1/xl": 2_849_757_184,
+    "t5_1_1/xxl": 11_135_332_352,
+    "t5_1_0/small": 60_506_624,
+    "t5_1_0/base": 222_903_552,
+    "t5_1_0/large": 737_668_096,
+    "t5_1_0/3B": 2_851_598_336,
+    "t5_1_0/11B": 11_307_321_344,
 }
 
 
-def config_from_gin(size):
+def config_from_gin(model_file):
     gin.clear_config()
     gin.add_config_file_search_path("gin")
-    gin.parse_config_files_and_bindings([f"gin/models/t5_1_1/{size}.gin"], [])
+    gin.parse_config_files_and_bindings([f"gin/models/{model_file}.gin"], [])
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     gin.clear_config()
     return model.config
@@ -37,12 +43,15 @@ def count_parameters(config):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
 
 
-@pytest.mark.parametrize("size", sorted(EXPECTED_PARAMETERS))
+@pytest.mark.parametrize("model_file", sorted(EXPECTED_PARAMETERS))
 @pytest.mark.parametrize("scan", [False, True])
-def test_parameter_counts_from_gin_files(size, scan):
-    config = dataclasses.replace(config_from_gin(size), scan_layers=scan)
-    assert config.head_dim == 64 and config.vocab_size == 32128
-    assert count_parameters(config) == EXPECTED_PARAMETERS[size]
+def test_parameter_counts_from_gin_files(model_file, scan):
+    config = dataclasses.replace(config_from_gin(model_file), scan_layers=scan)
+    assert config.vocab_size == 32128
+    t5_1_0 = model_file.startswith("t5_1_0/")
+    assert config.mlp_activations == (("relu",) if t5_1_0 else ("gelu", "linear"))
+    assert config.logits_via_embedding == t5_1_0
+    assert count_parameters(config) == EXPECTED_PARAMETERS[model_file]
 
 
 def init_and_apply(config, batch, params=None, **kwargs):
@@ -159,13 +168,47 @@ def test_cached_decoding_steps_equal_the_full_forward_pass():
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), logits, atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16_activations_keep_float32_parameters():
+@pytest.mark.parametrize("logits_via_embedding", [False, True])
+def test_bfloat16_activations_keep_float32_parameters_and_logits(logits_via_embedding):
+    """As in T5X, the output layer (untied `logits_dense`, or the tied embedding's `attend`) computes in float32
+    whatever the activations' dtype: the loss, scores and argmax read float32 logits."""
+    config = dataclasses.replace(TINY, logits_via_embedding=logits_via_embedding)
     batch = random_batch()
-    params, logits32 = init_and_apply(TINY, batch)
-    _, logits16 = init_and_apply(dataclasses.replace(TINY, dtype="bfloat16"), batch, params)
-    assert logits16.dtype == jnp.bfloat16
+    params, logits32 = init_and_apply(config, batch)
+    _, logits16 = init_and_apply(dataclasses.replace(config, dtype="bfloat16"), batch, params)
+    assert logits32.dtype == logits16.dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    np.testing.assert_allclose(np.asarray(logits16, np.float32), logits32, atol=0.1, rtol=0.05)
+    np.testing.assert_allclose(logits16, logits32, atol=0.1, rtol=0.05)
+    # Not a float32 copy of bfloat16 values: the last matmul's output is not rounded to 8 bits of mantissa.
+    assert not np.array_equal(logits16, np.asarray(jnp.asarray(logits16).astype(jnp.bfloat16), np.float32))
+
+
+def test_t5_1_0_relu_mlp_and_tied_logits():
+    """T5 1.0 (T5X's mlp_activations ('relu',), logits_via_embedding): one `wi` kernel through ReLU, no
+    `logits_dense`, and logits = decoder output . embedding^T / sqrt(d_model), in float32."""
+    config = dataclasses.replace(TINY, mlp_activations=("relu",), logits_via_embedding=True)
+    batch = random_batch()
+    module = network.Transformer(config)
+    params, logits = init_and_apply(config, batch)
+    mlp = params["encoder"]["layers_0"]["mlp"]
+    assert sorted(mlp) == ["wi", "wo"] and "logits_dense" not in params["decoder"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 32))
+    out = layers.Mlp(64, ("relu",)).apply({"params": mlp}, x, deterministic=True)
+    np.testing.assert_allclose(out, jnp.maximum(x @ mlp["wi"]["kernel"], 0) @ mlp["wo"]["kernel"], rtol=1e-5, atol=1e-6)
+
+    # The decoder's last hidden state, before the output layer.
+    _, state = module.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                            batch["decoder_target_tokens"], capture_intermediates=lambda m, _: m.name == "decoder_norm",
+                            mutable=["intermediates"])
+    hidden = state["intermediates"]["decoder"]["decoder_norm"]["__call__"][0]
+    expected = hidden @ params["token_embedder"]["embedding"].T / np.sqrt(32)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_activations_are_checked():
+    with pytest.raises(ValueError, match="mlp_activations=\\('gelu',\\)"):
+        network.T5Config(mlp_activations=("gelu",))
+    assert network.T5Config(mlp_activations=["relu"]).mlp_activations == ("relu",)  # as gin gives a list
 
 
 def test_relative_position_buckets():
