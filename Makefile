@@ -3,18 +3,21 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# The extras installed with the package: `make test EXTRAS=test,bench` also installs torch and transformers, so that
+# the comparisons with Hugging Face transformers run instead of skipping (CI does this).
+EXTRAS ?= test
 # Every test runs on 8 simulated CPU devices; the flag must be set before jax is imported.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu
 
 .PHONY: install demo test bench clean
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed-$(EXTRAS): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(EXTRAS)
 
 test: install
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist=loadfile -q tests

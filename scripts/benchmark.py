@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from t5x_lite import accounting, host_memory, network, optimizers, partitioning, trainer  # noqa: E402
+from t5x_lite.formats import huggingface  # noqa: E402
 
 OPTIMIZERS = {"adafactor": optimizers.adafactor, "adamw": optimizers.adamw}
 # The HF side's optimizer for each JAX one (scripts/hf_benchmark.py describes them); Adafactor has two choices.
@@ -117,32 +118,10 @@ def build_model(gin_files, gin_bindings, dtype):
 
 
 def hf_t5_kwargs(config) -> dict:
-    """transformers.T5Config keyword arguments for the network of `config` (a t5x_lite network.T5Config).
-
-    T5.1.1: gated-GELU (`is_gated_act`; transformers' gelu_new is the tanh approximation, as the JAX MLP's
-    nn.gelu(approximate=True)), RMS norm epsilon 1e-6, untied output layer (`tie_word_embeddings` =
-    `logits_via_embedding`), dropout at the config's rate. scripts/hf_benchmark.build_model makes the model.
-    """
-    return {
-        "vocab_size": config.vocab_size,
-        "d_model": config.emb_dim,
-        "d_kv": config.head_dim,
-        "d_ff": config.mlp_dim,
-        "num_layers": config.num_encoder_layers,
-        "num_decoder_layers": config.num_decoder_layers,
-        "num_heads": config.num_heads,
-        "relative_attention_num_buckets": config.relative_attention_num_buckets,
-        "relative_attention_max_distance": config.relative_attention_max_distance,
-        "dropout_rate": config.dropout_rate,
-        "layer_norm_epsilon": 1e-6,
-        "feed_forward_proj": "gated-gelu",
-        "tie_word_embeddings": config.logits_via_embedding,
-        "is_encoder_decoder": True,
-        "use_cache": False,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "decoder_start_token_id": 0,
-    }
+    """transformers.T5Config keyword arguments for the network of `config` (a t5x_lite network.T5Config): its
+    `config.json` fields (`formats.huggingface.hf_config_from_t5`), without the decoding cache.
+    scripts/hf_benchmark.build_model makes the model."""
+    return {**huggingface.hf_config_from_t5(config), "use_cache": False}
 
 
 def synthetic_batch(batch_size, inputs_length, targets_length, vocab_size, sharding, seed):

@@ -52,14 +52,16 @@ def config_from_gin(size):
 def test_hf_kwargs_map_every_field():
     kwargs = benchmark.hf_t5_kwargs(DISTINCT)
     assert kwargs == {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
         "vocab_size": 1000, "d_model": 48, "d_kv": 20, "d_ff": 72, "num_layers": 2, "num_decoder_layers": 4,
         "num_heads": 3, "relative_attention_num_buckets": 16, "relative_attention_max_distance": 40,
         "dropout_rate": 0.125, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
-        "tie_word_embeddings": False, "is_encoder_decoder": True, "use_cache": False, "pad_token_id": 0,
-        "eos_token_id": 1, "decoder_start_token_id": 0,
+        "tie_word_embeddings": False, "scale_decoder_outputs": False, "is_encoder_decoder": True,
+        "use_cache": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
     }
-    tied = benchmark.hf_t5_kwargs(dataclasses.replace(DISTINCT, logits_via_embedding=True))
-    assert tied["tie_word_embeddings"] is True
+    tied = benchmark.hf_t5_kwargs(dataclasses.replace(DISTINCT, mlp_activations=("relu",), logits_via_embedding=True))
+    assert tied["tie_word_embeddings"] is True and tied["scale_decoder_outputs"] is True
+    assert tied["feed_forward_proj"] == "relu"
     json.dumps(kwargs)  # It travels to scripts/hf_benchmark.py as JSON.
 
 

@@ -1,0 +1,1 @@
+"""Readers and writers of other libraries' checkpoints (Hugging Face transformers, ...)."""
