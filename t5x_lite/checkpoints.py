@@ -494,6 +494,36 @@ def _find_state_directory(path: epath.Path) -> epath.Path:
     return path / str(max(steps)) / STATE_ITEM
 
 
+def _read_saved_state(path: str) -> tuple[epath.Path, Mapping]:
+    """The train-state directory that `path` names (see `_find_state_directory`) and its saved tree's metadata."""
+    state_directory = _find_state_directory(absolute_path(path))
+    try:
+        saved_tree = _read_tree_metadata(state_directory)
+    except Exception as error:
+        raise ValueError(
+            f"Cannot read the checkpoint metadata in {state_directory} ({_short(error)}); is it a complete "
+            "checkpoint written by t5x_lite.checkpoints.Checkpointer?"
+        ) from error
+    if not isinstance(saved_tree, Mapping):
+        raise ValueError(
+            f"The checkpoint in {state_directory} holds a {type(saved_tree).__name__}, not a dict of subtrees "
+            "such as {'step', 'params', 'opt_state'}."
+        )
+    return state_directory, saved_tree
+
+
+def _restore_subtrees(state_directory: epath.Path, targets: Mapping):
+    """Reads the top-level subtrees named by `targets` (abstract pytrees with shardings) and nothing else."""
+    restore_args = jax.tree.map(
+        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), targets
+    )
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(
+            state_directory,
+            args=ocp.args.PyTreeRestore(item=dict(targets), restore_args=dict(restore_args), partial_restore=True),
+        )
+
+
 def restore_params(path: str, abstract_params, *, dtype=None):
     """Restores only the 'params' subtree of a checkpoint (INITIAL_CHECKPOINT_PATH) onto the current mesh.
 
@@ -514,34 +544,56 @@ def restore_params(path: str, abstract_params, *, dtype=None):
       ValueError: the checkpoint's metadata cannot be read or holds no 'params'.
     """
     abstract_params = _as_abstract(abstract_params, name="abstract_params")
-    state_directory = _find_state_directory(absolute_path(path))
-    try:
-        saved_tree = _read_tree_metadata(state_directory)
-    except Exception as error:
+    state_directory, saved_tree = _read_saved_state(path)
+    if "params" not in saved_tree:
         raise ValueError(
-            f"Cannot read the checkpoint metadata in {state_directory} ({_short(error)}); is it a complete "
-            "checkpoint written by t5x_lite.checkpoints.Checkpointer?"
-        ) from error
-    if not isinstance(saved_tree, Mapping) or "params" not in saved_tree:
-        keys = sorted(saved_tree) if isinstance(saved_tree, Mapping) else type(saved_tree).__name__
-        raise ValueError(f"The checkpoint in {state_directory} holds no 'params' subtree; its top level is {keys}.")
+            f"The checkpoint in {state_directory} holds no 'params' subtree; its top level is {sorted(saved_tree)}."
+        )
     _check_tree_matches(saved_tree["params"], abstract_params, what="'params' subtree", location=state_directory)
 
     def target(leaf):
         cast = dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating)
         return jax.ShapeDtypeStruct(leaf.shape, dtype if cast else leaf.dtype, sharding=leaf.sharding)
 
-    targets = jax.tree.map(target, abstract_params)
-    restore_args = jax.tree.map(
-        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), targets
-    )
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            state_directory,
-            args=ocp.args.PyTreeRestore(
-                item={"params": targets}, restore_args={"params": restore_args}, partial_restore=True
-            ),
-        )
+    restored = _restore_subtrees(state_directory, {"params": jax.tree.map(target, abstract_params)})
     if jax.process_index() == 0:
         logger.info("Restored params from %s.", state_directory)
     return restored["params"]
+
+
+def restore_train_state(path: str, abstract_state: Mapping):
+    """Restores a whole train state (step, params and optimizer state) from a checkpoint of another run.
+
+    What T5X's RestoreCheckpointConfig(mode='specific', strict=True) restores for INITIAL_CHECKPOINT_PATH: every
+    top-level subtree of `abstract_state` must be in the checkpoint with the same paths and shapes (an optimizer
+    state of another optimizer, or none at all, is an error that names what differs). Entries of the checkpoint
+    that `abstract_state` does not name are not read; neither is the data iterator's position.
+
+    Args:
+      path: as in `restore_params`.
+      abstract_state: dict of pytrees of jax.ShapeDtypeStruct with shardings of the current mesh (or jax.Arrays),
+        e.g. {'step': int32[], 'params': {...}, 'opt_state': ...}; leaves are restored with its dtypes.
+
+    Returns:
+      The state, structured like `abstract_state`, placed on its shardings.
+
+    Raises:
+      FileNotFoundError: `path` is missing or holds no checkpoint.
+      TreeMismatchError: a top-level subtree (e.g. 'opt_state') is not in the checkpoint, or its paths or
+        shapes differ from `abstract_state`'s.
+      ValueError: the checkpoint's metadata cannot be read.
+    """
+    abstract_state = _as_abstract(abstract_state, name="abstract_state")
+    state_directory, saved_tree = _read_saved_state(path)
+    absent = [name for name in abstract_state if name not in saved_tree]
+    if absent:
+        raise TreeMismatchError(
+            f"The checkpoint in {state_directory} has no {', '.join(repr(name) for name in absent)}, which a whole "
+            f"train state needs; its top level is {sorted(saved_tree)}."
+        )
+    requested = {name: saved_tree[name] for name in abstract_state}
+    _check_tree_matches(requested, abstract_state, what="train state", location=state_directory)
+    restored = _restore_subtrees(state_directory, abstract_state)
+    if jax.process_index() == 0:
+        logger.info("Restored the train state (%s) from %s.", ", ".join(abstract_state), state_directory)
+    return restored

@@ -115,6 +115,7 @@ def run(
             log_every_steps=log_every_steps,
             checkpoint_period=checkpoint_period,
             initial_checkpoint_path=initial_checkpoint_path,
+            initial_checkpoint_restore="params",  # each stage counts its own steps from 0 (summary: steps, FLOPs)
             seed=seed,
         )
         lengths = dataset_cfg.task_feature_lengths

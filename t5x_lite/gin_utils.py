@@ -65,19 +65,36 @@ def _is_required(value) -> bool:
     return isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector == "gin.REQUIRED/gin.constant"
 
 
-def check_required_macros(names: Sequence[str], optional: Sequence[str] = ()) -> None:
+_UNSET = object()
+
+
+def _macro_value(name: str):
+    """The value bound to macro `name`, or _UNSET when no gin file or binding sets it."""
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return _UNSET
+
+
+def _is_set(name: str) -> bool:
+    value = _macro_value(name)
+    return value is not _UNSET and not _is_required(value)
+
+
+def check_required_macros(names: Sequence[str | tuple[str, ...]], optional: Sequence[str] = ()) -> None:
     """Raises a ValueError naming every macro in `names` that is unset or still `%gin.REQUIRED`, and every
-    macro in `optional` that a gin file marked `%gin.REQUIRED` (e.g. INITIAL_CHECKPOINT_PATH in finetune.gin)."""
-    missing = []
-    for name in [*names, *optional]:
-        try:
-            value = gin.query_parameter(f"%{name}")
-        except ValueError:
-            if name in names:
-                missing.append(name)
-            continue
-        if _is_required(value):
-            missing.append(name)
+    macro in `optional` that a gin file marked `%gin.REQUIRED` (e.g. INITIAL_CHECKPOINT_PATH in finetune.gin).
+
+    An entry of `names` may be a tuple of alternatives, e.g. ("TRAIN_STEPS", "TRAIN_STEPS_RELATIVE"): it is
+    satisfied when one of them is set to something other than None."""
+    missing: list[tuple[str, ...]] = []
+    for entry in names:
+        if isinstance(entry, str) and not _is_set(entry):
+            missing.append((entry,))
+        elif isinstance(entry, tuple) and not any(_is_set(name) and _macro_value(name) is not None for name in entry):
+            missing.append(entry)
+    missing += [(name,) for name in optional if _is_required(_macro_value(name))]
     if missing:
-        examples = " ".join(f"--gin.{name}=..." for name in missing)
-        raise ValueError(f"required gin macro(s) not set: {', '.join(missing)}; set them in a gin file or with {examples}")
+        names_text = ", ".join(" or ".join(choices) for choices in missing)
+        examples = " ".join(f"--gin.{choices[0]}=..." for choices in missing)
+        raise ValueError(f"required gin macro(s) not set: {names_text}; set them in a gin file or with {examples}")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -342,6 +343,37 @@ def test_restore_params_errors(tmp_path, mesh):
     expected = r"dense/kernel: checkpoint \(16, 32\) vs requested \(32, 16\)"
     with pytest.raises(checkpoints.TreeMismatchError, match=expected):
         checkpoints.restore_params(str(tmp_path / "run"), reshaped)
+
+
+# 6. restore_train_state -----------------------------------------------------------------------------------
+
+
+def test_restore_train_state_restores_step_params_and_optimizer_state_onto_another_mesh(tmp_path, mesh):
+    states = _save_steps(tmp_path, mesh, [1, 2])
+    other = jax.make_mesh((2, 4), ("data", "model"))
+    abstract_state = abstract_like(states[2], other, {"dense": {"kernel": P("model", "data"), "bias": P()}})
+
+    for path, step in ((tmp_path, 2), (tmp_path / "1", 1)):  # a checkpoint directory (-> latest) or a step
+        state = checkpoints.restore_train_state(str(path), abstract_state)
+        assert_trees_equal(state, states[step])
+        assert state["params"]["dense"]["kernel"].sharding == NamedSharding(other, P("model", "data"))
+
+
+def test_restore_train_state_names_a_missing_or_different_optimizer_state(tmp_path, mesh):
+    state = make_state(mesh)
+    params_only = tmp_path / "params_only"  # e.g. a checkpoint converted from another library
+    with ocp.PyTreeCheckpointer() as writer:
+        writer.save(params_only, {"params": state["params"]})
+    with pytest.raises(checkpoints.TreeMismatchError, match=r"has no 'opt_state', 'step'.*top level is \['params'\]"):
+        checkpoints.restore_train_state(str(params_only), abstract_like(state, mesh))
+
+    _save_steps(tmp_path / "adam", mesh, [1])
+    sgd_state = dict(state, opt_state=optax.sgd(0.1, momentum=0.9).init(state["params"]))
+    with pytest.raises(checkpoints.TreeMismatchError) as error:
+        checkpoints.restore_train_state(str(tmp_path / "adam"), abstract_like(sgd_state, mesh))
+    message = str(error.value)
+    assert "train state" in message and "requested but not in the checkpoint: opt_state/" in message
+    assert "in the checkpoint but not requested: opt_state/" in message
 
 
 def test_module_imports_neither_tensorflow_nor_seqio():
