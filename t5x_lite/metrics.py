@@ -8,6 +8,15 @@ questions, reported x100, after one of two normalisations:
     TriviaQA   the same, but punctuation, the quote marks ‘ ’ ´ ` and underscores become spaces
 
 so "Mary-Kate Olsen" against "mary kate olsen" scores SQuAD EM 0 and F1 40 ("marykate olsen"), TriviaQA EM 100.
+The scores equal the `t5` package's (t5.evaluation.metrics.squad / trivia_qa, qa_utils; tests/test_metrics.py
+checks edge cases against values computed with t5 0.9.4), including its rules that punctuation means ASCII
+punctuation only (accents, "–" and "。" stay), and that a prediction and an answer that both normalise to nothing
+("", "the", "---") are an exact match with F1 0. Deliberately unlike t5:
+
+    - a target that is one string is one answer (t5 takes each of its characters for an answer);
+    - a question without gold answers is an error naming it (t5: "max() arg is an empty sequence");
+    - no questions at all is an error (t5 returns NaN).
+
 A task's targets carry all of a question's answers through `qa_postprocessor`.
 
 Classification: `accuracy` (x100) of predictions equal to their targets; `rank_classification` (x100) of examples
@@ -21,6 +30,8 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
+
+import numpy as np
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -42,11 +53,8 @@ def normalize_trivia_qa(text: str) -> str:
 
 
 def _token_f1(prediction: str, answer: str) -> float:
+    """Token F1 of two normalised texts; 0 when they share no token, even when both are empty (as t5's)."""
     prediction_tokens, answer_tokens = prediction.split(), answer.split()
-    if not prediction_tokens or not answer_tokens:
-        # An answer that normalises to nothing ("---", ")") is matched by an empty prediction only. As in SQuAD
-        # 2.0's script (v1.1's, and T5's, scored F1 0 even then, below the EM of 100), so that F1 >= EM.
-        return float(prediction_tokens == answer_tokens)
     common = sum((collections.Counter(prediction_tokens) & collections.Counter(answer_tokens)).values())
     if common == 0:
         return 0.0
@@ -59,23 +67,28 @@ def qa_metrics(targets: Sequence[str | Sequence[str]], predictions: Sequence[str
     """{"em", "f1"} x100: the mean over questions of the best score against any of the question's answers.
 
     Args:
-      targets: per question its gold answers (a sequence of strings, or one string).
+      targets: per question its gold answers (a sequence of strings, or one string: one answer).
       predictions: per question the predicted answer.
+      normalize: the normalisation of answers and predictions (normalize_squad, normalize_trivia_qa).
+
+    Raises:
+      ValueError: the counts differ, there are no questions, or a question has no gold answers.
     """
     if len(targets) != len(predictions):
         raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions.")
     if not targets:
         raise ValueError("No predictions to score.")
-    exact, f1 = 0.0, 0.0
-    for answers, prediction in zip(targets, predictions):
+    exact, f1 = [], []
+    for question, (answers, prediction) in enumerate(zip(targets, predictions)):
         answers = [answers] if isinstance(answers, str) else list(answers)
         if not answers:
-            raise ValueError(f"A question has no gold answers (prediction {prediction!r}).")
+            raise ValueError(f"Question {question} has no gold answers (prediction {prediction!r}).")
         normalized_prediction = normalize(prediction)
         normalized_answers = [normalize(answer) for answer in answers]
-        exact += max(float(normalized_prediction == answer) for answer in normalized_answers)
-        f1 += max(_token_f1(normalized_prediction, answer) for answer in normalized_answers)
-    return {"em": 100 * exact / len(targets), "f1": 100 * f1 / len(targets)}
+        exact.append(max(float(normalized_prediction == answer) for answer in normalized_answers))
+        f1.append(max(_token_f1(normalized_prediction, answer) for answer in normalized_answers))
+    # The mean first, then x100, as t5 does: the same float to the last bit (100 / 3 and 100 * (1 / 3) differ).
+    return {"em": float(np.mean(exact)) * 100, "f1": float(np.mean(f1)) * 100}
 
 
 def squad(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:

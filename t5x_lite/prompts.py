@@ -373,7 +373,8 @@ def load_templates(path: str, max_variable_length: int = 2048) -> TemplateCollec
         return parse_templates(f.read(), path, max_variable_length)
 
 
-def task_name_part(name: str) -> str:
-    """A template or dataset name cleaned to the characters seqio allows in a task name (as T0 does):
-    'GPT-3 style' -> 'GPT_3_style'."""
-    return re.sub(r"[^\w.]+", "_", name).strip("_")
+def clean_task_name(name: str) -> str:
+    """A task name cleaned as T0 cleans `<dataset>_<subset>_<template name>` (t-zero's t0/seqio_tasks/utils.py,
+    `task_clean`): each run of characters other than letters, digits, '_' and '.' becomes one '_', and nothing is
+    stripped: 'super_glue_rte_GPT-3 style' -> 'super_glue_rte_GPT_3_style', 'trec_what type?' -> 'trec_what_type_'."""
+    return re.sub(r"[^\w.]+", "_", name)  # T0's [^\w\d\._]: \w has the digits and '_

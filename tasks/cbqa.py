@@ -1,23 +1,40 @@
-"""Closed-book QA on Natural Questions, WebQuestions and TriviaQA: the tasks of T5's closed-book QA paper.
+"""Closed-book QA on Natural Questions, WebQuestions and TriviaQA: the tasks of T5's closed-book QA paper, with the
+splits of its code (google-research/google-research, t5_closed_book_qa/t5_cbqa/tasks.py), as TFDS split strings:
 
-    task                         inputs                   train / validation / test (TFDS splits)
-    natural_questions_open       "nq question: ..."       train[:79168] / train[79168:] / validation (3,610)
-    web_questions_open           "wq question: ..."       train[:3417]  / train[3417:]  / test (2,032)
-    trivia_qa_open               "trivia_qa question: ..." train[:78785] / train[78785:] / validation (11,313)
-    <task>_test                  the same                 train (all of it) / validation and test = the test split
+    task                          inputs                    train              validation         test
+    natural_questions_open        "nq question: ..."        train[:79168]      train[79168:]      validation
+    natural_questions_open_test                             train              validation
+    web_questions_open            "wq question: ..."        train[:3417]       train[3417:]       test
+    web_questions_open_test                                 train              test
+    trivia_qa_open                "trivia_qa question: ..." train[:78785]      train[78785:]      validation
+    trivia_qa_open_test                                     train+validation                      test
     closed_book_qa, closed_book_qa_test    mixtures of the three, examples-proportional
+
+The first 90% of train is the train split of the plain task, the rest its validation (ORQA's numbers); a _test task
+trains on all of train (TriviaQA: and its validation) and evaluates on the open-domain test set, in its validation
+split (NQ, WebQuestions) or, for TriviaQA, in test: TriviaQA's test answers are withheld (TFDS gives each test
+question the answer "<unk>"), so trivia_qa_open_test has no validation split, and evaluating closed_book_qa_test on
+validation evaluates NQ and WebQuestions only, as in T5.
 
 The training target is the first answer; evaluation scores a prediction against all of them (TriviaQA: the value
 and its aliases): metrics.qa_postprocessor hands them to metrics.squad (NQ, WebQuestions) or metrics.trivia_qa.
 
 Each task reads TFDS (natural_questions_open:1.0.0, web_questions:1.0.0, trivia_qa/unfiltered.nocontext:1.1.0),
-or, where the local data folder (tasks.settings) has cbqa/<dataset>/, the public release files there:
+or, where the local data folder (tasks.settings) has cbqa/<dataset>/, the public release files there, each file
+standing in for the TFDS split of the same examples (the split strings above then slice and join the files):
 
-    natural_questions_open/   NQ-open.train.jsonl, NQ-open.dev.jsonl             jsonl {question, answer: [..]}
-    web_questions/            {train,test}.examples.json                         the original JSON (utterance,
-                              (or {train,test}.jsonl)                            targetValue "(list (description ..))")
-    trivia_qa/                unfiltered-web-{train,dev}.json                    the official JSON (Data[].Question,
-                              (or train.jsonl, validation*.jsonl)                Answer.Value, Answer.Aliases)
+    folder                    split        file (the first that exists)
+    natural_questions_open/   train        NQ-open.train.jsonl
+                              validation   NQ-open.dev.jsonl
+    web_questions/            train        train.examples.json, train.jsonl
+                              test         test.examples.json, test.jsonl
+    trivia_qa/                train        unfiltered-web-train.json, train.jsonl
+                              validation   unfiltered-web-dev.json, validation*.jsonl
+                              test         unfiltered-web-test-without-answers.json, test*.jsonl
+
+in the formats: *.jsonl {question, answer: [..]} (NQ-open's); WebQuestions' original JSON (utterance, targetValue
+"(list (description ..))"); TriviaQA's official JSON (Data[].Question, Answer.Value, Answer.Aliases; a test question
+without an Answer gets "<unk>", as in TFDS).
 
 A malformed record stops loading with an error naming the file and line, unless skip_bad_records is set
 (T5X_LITE_SKIP_BAD_RECORDS=1): then each is skipped, and the count is logged after each file.
@@ -172,6 +189,17 @@ def _trivia_qa_json(record: Any) -> tuple[Any, Any]:
     return _field(record, "Question"), [_field(record, "Answer", "Value"), *aliases]
 
 
+TRIVIA_QA_WITHHELD_ANSWER = "<unk>"  # TFDS's answer to a TriviaQA test question
+
+
+def _trivia_qa_test_json(record: Any) -> tuple[Any, Any]:
+    """A question of TriviaQA's test file, whose answers are withheld: "<unk>", as in TFDS (or its answers, where
+    the record has them)."""
+    if isinstance(record, dict) and "Answer" not in record:
+        return _field(record, "Question"), [TRIVIA_QA_WITHHELD_ANSWER]
+    return _trivia_qa_json(record)
+
+
 @dataclasses.dataclass(frozen=True)
 class QAFormat:
     """A file format: its records with their lines, and each record's (question, answers)."""
@@ -184,6 +212,7 @@ class QAFormat:
 QA_JSONL = QAFormat("jsonl {question, answer: [...]}", _jsonl_records, _qa_jsonl)
 WEB_QUESTIONS_JSON = QAFormat("WebQuestions JSON", _web_questions_records, _web_questions_json)
 TRIVIA_QA_JSON = QAFormat("TriviaQA JSON", _trivia_qa_records, _trivia_qa_json)
+TRIVIA_QA_TEST_JSON = QAFormat("TriviaQA test JSON", _trivia_qa_records, _trivia_qa_test_json)
 
 
 def _checked_text(value: Any, what: str) -> str:
@@ -241,13 +270,19 @@ def load_qa_file(path: str, qa_format: QAFormat, skip_bad_records: bool = False)
 _SPLIT = re.compile(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?")
 
 
-def parse_split(split: str) -> tuple[str, slice]:
-    """A TFDS-style split string 'train', 'train[:79168]' or 'train[79168:]' -> ('train', slice)."""
-    match = _SPLIT.fullmatch(split.replace(" ", ""))
-    if match is None:
-        raise ValueError(f"Unsupported split {split!r}; valid forms: 'name', 'name[start:stop]'.")
-    name, start, stop = match.groups()
-    return name, slice(int(start) if start else None, int(stop) if stop else None)
+def parse_split(split: str) -> list[tuple[str, slice]]:
+    """A TFDS-style split string -> its parts, (source split, slice) each: 'train' -> [('train', slice(None))],
+    'train[:79168]' -> [('train', slice(None, 79168))], 'train+validation' -> [('train', ...), ('validation', ...)].
+    """
+    parts = []
+    for part in split.replace(" ", "").split("+"):
+        match = _SPLIT.fullmatch(part)
+        if match is None:
+            raise ValueError(f"Unsupported split {split!r}; valid forms: 'name', 'name[start:stop]' (record counts), "
+                             "and such parts joined by '+'.")
+        name, start, stop = match.groups()
+        parts.append((name, slice(int(start) if start else None, int(stop) if stop else None)))
+    return parts
 
 
 class QAFileSource(seqio.DataSource):
@@ -257,17 +292,18 @@ class QAFileSource(seqio.DataSource):
       directory: the dataset's folder.
       files: for each source split (TFDS's split names), the candidate (glob pattern, format)s in order of
         preference: the first pattern that matches any file gives the split's files (in name order).
-      splits: the task's splits as TFDS split strings over the source splits, e.g. {"validation": "train[79168:]"}.
+      splits: the task's splits as TFDS split strings over the source splits, e.g. {"validation": "train[79168:]",
+        "train": "train+validation"}.
       skip_bad_records: skip (and count) malformed records instead of stopping at the first.
     """
 
     def __init__(self, directory: str, files: Mapping[str, Sequence[tuple[str, QAFormat]]],
                  splits: Mapping[str, str], skip_bad_records: bool = False):
         for task_split, split_string in splits.items():
-            source_split, _ = parse_split(split_string)
-            if source_split not in files:
-                raise ValueError(f"Split {task_split!r} reads {split_string!r}, but the local files have only the "
-                                 f"splits {sorted(files)}.")
+            for source_split, _ in parse_split(split_string):
+                if source_split not in files:
+                    raise ValueError(f"Split {task_split!r} reads {split_string!r}, but the local files have only the "
+                                     f"splits {sorted(files)}.")
         super().__init__(splits=splits.keys())
         self.directory = directory
         self._files = dict(files)
@@ -292,19 +328,24 @@ class QAFileSource(seqio.DataSource):
             f"No {source_split!r} file in {self.directory}: looked for {[pattern for pattern, _ in candidates]}.")
 
     def list_shards(self, split: str) -> Sequence[str]:
-        return self._source_files(parse_split(self._split_strings[split])[0])[0]
+        return [path for source_split, _ in parse_split(self._split_strings[split])
+                for path in self._source_files(source_split)[0]]
 
-    def records(self, split: str) -> list[tuple[str, tuple[str, ...]]]:
-        """The split's (question, answers) records, in file order."""
-        source_split, part = parse_split(self._split_strings[split])
+    def _source_records(self, source_split: str) -> list[tuple[str, tuple[str, ...]]]:
         if source_split not in self._loaded:
             paths, qa_format = self._source_files(source_split)
             self._loaded[source_split] = [
                 record for path in paths for record in load_qa_file(path, qa_format, self._skip_bad_records)]
-        selected = self._loaded[source_split][part]
+        return self._loaded[source_split]
+
+    def records(self, split: str) -> list[tuple[str, tuple[str, ...]]]:
+        """The split's (question, answers) records, in file order (the parts of 'a+b' one after the other)."""
+        parts = parse_split(self._split_strings[split])
+        selected = [record for source_split, part in parts for record in self._source_records(source_split)[part]]
         if not selected:
-            raise ValueError(f"Split {split!r} = {self._split_strings[split]!r} of {self.directory} is empty: "
-                             f"{source_split!r} has {len(self._loaded[source_split])} records.")
+            sizes = {source_split: len(self._source_records(source_split)) for source_split, _ in parts}
+            raise ValueError(f"Split {split!r} = {self._split_strings[split]!r} of {self.directory} is empty: the "
+                             f"source splits have {sizes} records.")
         return selected
 
     def num_input_examples(self, split: str) -> int:
@@ -346,34 +387,27 @@ def _from_tfds_trivia_qa(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class QADataset:
-    """One closed-book QA dataset: where it lives (TFDS and local files), its splits, prefix and metric."""
+    """One closed-book QA dataset: where it lives (TFDS and local files), its tasks' splits, prefix and metric."""
 
     task_name: str
     tfds_name: str
     local_folder: str  # under <data dir>/cbqa/
     local_files: Mapping[str, Sequence[tuple[str, QAFormat]]]  # TFDS split -> (pattern, format) candidates
-    train_size: int  # the first train_size TFDS train examples are the train split, the rest validation
-    test_split: str  # the TFDS split that is the test set
+    splits: Mapping[str, str]  # the task's split -> TFDS split string (t5_closed_book_qa's)
+    test_splits: Mapping[str, str]  # the same of the _test task
     prefix: str
     from_tfds: Callable[[tf.data.Dataset], tf.data.Dataset]  # TFDS features -> {question, answers}
     metric_fn: Callable[[Sequence, Sequence], dict[str, float]]
-
-    @property
-    def splits(self) -> dict[str, str]:
-        return {"train": f"train[:{self.train_size}]", "validation": f"train[{self.train_size}:]",
-                "test": self.test_split}
-
-    @property
-    def test_splits(self) -> dict[str, str]:
-        """Of the _test task: all of train; validation (what T5's evaluation reads) and test are the test set."""
-        return {"train": "train", "validation": self.test_split, "test": self.test_split}
 
 
 NATURAL_QUESTIONS = QADataset(
     task_name="natural_questions_open", tfds_name="natural_questions_open:1.0.0",
     local_folder="natural_questions_open",
     local_files={"train": [("NQ-open.train.jsonl", QA_JSONL)], "validation": [("NQ-open.dev.jsonl", QA_JSONL)]},
-    train_size=79168, test_split="validation", prefix="nq question: ",
+    splits={"train": "train[:79168]", "validation": "train[79168:]", "test": "validation"},
+    # The reference names no splits here: TFDS's own, train and validation.
+    test_splits={"train": "train", "validation": "validation"},
+    prefix="nq question: ",
     from_tfds=functools.partial(_from_tfds_question_answer, answers_key="answer"), metric_fn=metrics.squad,
 )
 WEB_QUESTIONS = QADataset(
@@ -382,7 +416,9 @@ WEB_QUESTIONS = QADataset(
         "train": [("train.examples.json", WEB_QUESTIONS_JSON), ("train.jsonl", QA_JSONL)],
         "test": [("test.examples.json", WEB_QUESTIONS_JSON), ("test.jsonl", QA_JSONL)],
     },
-    train_size=3417, test_split="test", prefix="wq question: ",
+    splits={"train": "train[:3417]", "validation": "train[3417:]", "test": "test"},
+    test_splits={"train": "train", "validation": "test"},
+    prefix="wq question: ",
     from_tfds=functools.partial(_from_tfds_question_answer, answers_key="answers"), metric_fn=metrics.squad,
 )
 TRIVIA_QA = QADataset(
@@ -390,8 +426,12 @@ TRIVIA_QA = QADataset(
     local_files={
         "train": [("unfiltered-web-train.json", TRIVIA_QA_JSON), ("train.jsonl", QA_JSONL)],
         "validation": [("unfiltered-web-dev.json", TRIVIA_QA_JSON), ("validation*.jsonl", QA_JSONL)],
+        "test": [("unfiltered-web-test-without-answers.json", TRIVIA_QA_TEST_JSON), ("test*.jsonl", QA_JSONL)],
     },
-    train_size=78785, test_split="validation", prefix="trivia_qa question: ",
+    splits={"train": "train[:78785]", "validation": "train[78785:]", "test": "validation"},
+    # Trains on train and validation; its test answers are withheld (TFDS: "<unk>"), for the leaderboard.
+    test_splits={"train": "train+validation", "test": "test"},
+    prefix="trivia_qa question: ",
     from_tfds=_from_tfds_trivia_qa, metric_fn=metrics.trivia_qa,
 )
 DATASETS = (NATURAL_QUESTIONS, WEB_QUESTIONS, TRIVIA_QA)

@@ -1,31 +1,40 @@
-"""T0: multitask prompted training, and zero-shot evaluation of held-out tasks by rank classification.
+"""T0: multitask prompted training, and zero-shot evaluation of held-out tasks by rank classification, with T0's
+task names and features (bigscience-workshop/t-zero, t0/seqio_tasks/tasks.py and utils.py).
 
-Each dataset's templates (templates/<dataset>.yaml, see t5x_lite.prompts) turn its examples into prompts. Per
-(dataset, template) one seqio task `<dataset>_<template name>` (cleaned to seqio's characters, e.g. `rte_GPT_3_style`)
-with `inputs` and `targets`, decoded and scored by its metadata's metrics (`Accuracy`: exact match; `Squad`: EM/F1);
-for a template with answer choices also `<task>_score_eval`: one example per choice (the same inputs, the choice as
-targets, an `is_correct` flag), scored by the summed log-likelihood of the targets and evaluated by rank
-classification accuracy. Per dataset the mixtures `<dataset>` (its template tasks, for training) and
-`<dataset>_score_eval` (the `_score_eval` tasks of its `original_task` templates), and:
+Each dataset's templates (templates/<folder>.yaml, see t5x_lite.prompts) turn its examples into prompts. A dataset's
+name is T0's: the promptsource dataset and subset its templates are written for, `<dataset>_<subset>` (glue_sst2,
+super_glue_rte) or `<dataset>` (ag_news, trec). Per (dataset, template) one seqio task `<dataset>_<template name>`,
+cleaned as T0 cleans it (prompts.clean_task_name: `super_glue_rte_GPT_3_style`), with `inputs` and `targets`,
+decoded and scored by its metadata's metrics (`Accuracy`: exact match; `Squad`: EM/F1); for a template with answer
+choices also `<task>_score_eval`: one example per choice (the same inputs, the choice as targets, an `is_correct`
+flag), scored by the summed log-likelihood of the targets and evaluated by rank classification accuracy. As in T0,
+inputs are fed without an EOS token and targets end with one (appended after trimming to the feature length, so that
+a target cut to length still ends with EOS; T0 appended it before). Per dataset the mixtures `<dataset>` (its
+template tasks, for training) and `<dataset>_score_eval` (the `_score_eval` tasks of its `original_task` templates),
+and:
 
-    t0_train              the training clusters: sentiment (sst2), topic (ag_news, trec), paraphrase (mrpc); a
-                          template task's rate is its dataset's number of training examples (T0's cap: a dataset of
-                          more than 500,000 counts as 500,000 / its number of templates; see t0_mixing_rate)
-    t0_eval_score_eval    the held-out NLI (rte, cb) and sentence-completion (copa) sets, their original_task
-                          templates, by rank classification; `median_accuracy_by_dataset` reports, as the T0 paper
-                          does, each template's accuracy and the median over a dataset's templates
+    t0_train              the training clusters: sentiment (glue_sst2), topic (ag_news, trec), paraphrase (glue_mrpc);
+                          a template task's rate is its dataset's number of training examples (T0's cap: a dataset
+                          of more than 500,000 counts as 500,000 / its number of templates; see t0_mixing_rate)
+    t0_eval_score_eval    the held-out NLI (super_glue_rte, super_glue_cb) and sentence-completion (super_glue_copa)
+                          sets, their original_task templates, by rank classification; `median_accuracy_by_dataset`
+                          reports, as the T0 paper does, each template's accuracy and the median over a dataset's
+                          templates
 
 The datasets are read from their original release files under <data dir>/t0/<folder>/ (tasks.settings), else from
 TFDS (TFDS_DATA_DIR, as TFDS always does), with these splits (TFDS's in brackets):
 
-    sst2     stsa.binary.{train,dev}: train 6,920 / validation 872 (glue/sst2:2.0.0 train / validation); the
-             labelled stsa.binary.test is not read
-    ag_news  test.csv, the only file: train its first 7,000 rows / validation the last 600 (ag_news_subset:1.0.0
-             train / test)
-    trec     {train,test}.txt: train 5,452 / validation 500 (trec:1.0.0 train / test)
-    mrpc     msr_paraphrase_{train,test}.txt: train 4,076 / validation 1,725 (glue/mrpc:2.0.0 train / validation)
-    rte, cb  {train,val}.jsonl: train / validation (super_glue/rte:1.0.2, super_glue/cb:1.0.2 train / validation)
-    copa     fewglue_train32.jsonl / val.jsonl: train 32 / validation 100 (super_glue/copa:1.0.2 train / validation)
+    glue_sst2        sst2/stsa.binary.{train,dev}: train 6,920 / validation 872 (glue/sst2:2.0.0 train /
+                     validation); the labelled stsa.binary.test is not read
+    ag_news          ag_news/test.csv, the only file: train its first 7,000 rows / validation the last 600
+                     (ag_news_subset:1.0.0 train / test)
+    trec             trec/{train,test}.txt: train 5,452 / validation 500 (trec:1.0.0 train / test)
+    glue_mrpc        mrpc/msr_paraphrase_{train,test}.txt: train 4,076 / validation 1,725 (glue/mrpc:2.0.0 train /
+                     validation)
+    super_glue_rte,  rte/, cb/ {train,val}.jsonl: train / validation (super_glue/rte:1.0.2, super_glue/cb:1.0.2 train /
+    super_glue_cb    validation)
+    super_glue_copa  copa/fewglue_train32.jsonl / val.jsonl: train 32 / validation 100 (super_glue/copa:1.0.2 train /
+                     validation)
 
 Examples take the field names and label ids of the HuggingFace datasets that promptsource's templates are written
 for (glue/sst2, ag_news, trec, glue/mrpc, super_glue/*), so those templates apply unchanged. A malformed line of a
@@ -35,6 +44,10 @@ Your own dataset, in one call (jsonl of JSON objects by default; templates as ab
 
     t0.register_prompted_dataset("reviews", {"train": "reviews/train.jsonl", "validation": "reviews/dev.jsonl"},
                                  templates="reviews/templates.yaml")
+
+registers `reviews_<template name>` (cleaned as above), `reviews_<template name>_score_eval` and the mixtures
+`reviews` and `reviews_score_eval`; for T0's names of a promptsource dataset, name it as T0 does
+(e.g. "super_glue_wic").
 
 Examples are rendered in Python when a task's split is first read (and kept): a template that fails on an example
 names the template, the dataset, the split and the example's index; examples it renders empty (promptsource's way
@@ -285,8 +298,8 @@ def read_tfds(name: str, split: str, from_tfds: Callable[[Example, Any], Example
 class T0Dataset:
     """One built-in dataset: its release files and reader, and its TFDS name and conversion."""
 
-    name: str
-    folder: str  # under <data dir>/t0/
+    name: str  # T0's: <promptsource dataset>_<subset> (the header of its template file), or <dataset>
+    folder: str  # its release files' folder under <data dir>/t0/, and its template file templates/<folder>.yaml
     read: Callable[[str], list[Example]]  # one release file -> its examples
     files: Mapping[str, str]  # split -> "file" or "file[start:stop]"
     tfds_name: str
@@ -297,24 +310,26 @@ class T0Dataset:
 _SUPER_GLUE_NLI = ("premise", "hypothesis")
 _TRAIN_VALIDATION = {"train": "train", "validation": "validation"}
 
-SST2 = T0Dataset("sst2", "sst2", read_sst2, {"train": "stsa.binary.train", "validation": "stsa.binary.dev"},
+SST2 = T0Dataset("glue_sst2", "sst2", read_sst2, {"train": "stsa.binary.train", "validation": "stsa.binary.dev"},
                  "glue/sst2:2.0.0", _TRAIN_VALIDATION, lambda example, info: example)
 AG_NEWS = T0Dataset("ag_news", "ag_news", read_ag_news, {"train": "test.csv[:7000]", "validation": "test.csv[7000:]"},
                     "ag_news_subset:1.0.0", {"train": "train", "validation": "test"}, _from_tfds_ag_news)
 TREC = T0Dataset("trec", "trec", read_trec, {"train": "train.txt", "validation": "test.txt"},
                  "trec:1.0.0", {"train": "train", "validation": "test"}, _from_tfds_trec)
-MRPC = T0Dataset("mrpc", "mrpc", read_mrpc,
+MRPC = T0Dataset("glue_mrpc", "mrpc", read_mrpc,
                  {"train": "msr_paraphrase_train.txt", "validation": "msr_paraphrase_test.txt"},
                  "glue/mrpc:2.0.0", _TRAIN_VALIDATION, lambda example, info: example)
 RTE_LABELS = ("entailment", "not_entailment")
-RTE = T0Dataset("rte", "rte", functools.partial(read_super_glue, text_fields=_SUPER_GLUE_NLI, labels=RTE_LABELS),
+RTE = T0Dataset("super_glue_rte", "rte",
+                functools.partial(read_super_glue, text_fields=_SUPER_GLUE_NLI, labels=RTE_LABELS),
                 {"train": "train.jsonl", "validation": "val.jsonl"}, "super_glue/rte:1.0.2", _TRAIN_VALIDATION,
                 functools.partial(_from_tfds_labelled, labels=RTE_LABELS))
 CB_LABELS = ("entailment", "contradiction", "neutral")
-CB = T0Dataset("cb", "cb", functools.partial(read_super_glue, text_fields=_SUPER_GLUE_NLI, labels=CB_LABELS),
+CB = T0Dataset("super_glue_cb", "cb",
+               functools.partial(read_super_glue, text_fields=_SUPER_GLUE_NLI, labels=CB_LABELS),
                {"train": "train.jsonl", "validation": "val.jsonl"}, "super_glue/cb:1.0.2", _TRAIN_VALIDATION,
                functools.partial(_from_tfds_labelled, labels=CB_LABELS))
-COPA = T0Dataset("copa", "copa",
+COPA = T0Dataset("super_glue_copa", "copa",
                  functools.partial(read_super_glue, text_fields=("premise", "choice1", "choice2", "question"),
                                    labels=(0, 1), allowed={"question": ("cause", "effect")}),
                  {"train": "fewglue_train32.jsonl", "validation": "val.jsonl"}, "super_glue/copa:1.0.2",
@@ -491,9 +506,13 @@ def register_prompted_tasks(dataset: PromptedDataset, vocabulary: seqio.Vocabula
     templates with answer choices).
 
     Raises:
-      ValueError: a name is taken (two templates whose names clean to one, or an earlier registration).
+      ValueError: the dataset's name has characters other than letters, digits, '_' and '.', or a name is taken
+        (two templates whose names clean to one, or an earlier registration).
     """
-    names = {template.id: f"{dataset.name}_{prompts.task_name_part(template.name)}"
+    if prompts.clean_task_name(dataset.name) != dataset.name:
+        raise ValueError(f"Dataset name {dataset.name!r} has characters a task name cannot have; valid: letters, "
+                         f"digits, '_' and '.' (e.g. {prompts.clean_task_name(dataset.name)!r}).")
+    names = {template.id: prompts.clean_task_name(f"{dataset.name}_{template.name}")
              for template in dataset.templates.templates}
     with_choices = [t for t in dataset.templates.templates if t.answer_choices is not None]
     original = tuple(f"{names[t.id]}_score_eval" for t in with_choices if t.metadata.original_task)
@@ -509,7 +528,7 @@ def register_prompted_tasks(dataset: PromptedDataset, vocabulary: seqio.Vocabula
         clashes = sorted({name for name in all_names if all_names.count(name) > 1})
         raise ValueError(f"Templates of {dataset.templates.path} give the same task names {clashes}; rename them.")
 
-    output_features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
+    output_features = {"inputs": seqio.Feature(vocabulary, add_eos=False),  # T0's: inputs without EOS
                        "targets": seqio.Feature(vocabulary, add_eos=True)}
     tokenize = [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                 seqio.preprocessors.append_eos_after_trim]
@@ -544,7 +563,8 @@ def register_prompted_dataset(name: str, splits: Mapping[str, str | Sequence[str
     """Registers prompted tasks of your own dataset, in one call (see `register_prompted_tasks` for what).
 
     Args:
-      name: the dataset's name, the prefix of its tasks' names.
+      name: the dataset's name, the prefix of its tasks' and mixtures' names (letters, digits, '_' and '.'); T0
+        names a promptsource dataset `<dataset>_<subset>`, e.g. "super_glue_wic".
       splits: split -> a file pattern (or several), e.g. {"train": "data/train.jsonl", "validation": "data/dev-*"};
         a split's files are read in name order.
       templates: the YAML template file.
@@ -554,7 +574,7 @@ def register_prompted_dataset(name: str, splits: Mapping[str, str | Sequence[str
     Raises:
       FileNotFoundError: a split's patterns match no file.
       prompts.TemplateError: the template file is bad.
-      ValueError: a name is taken.
+      ValueError: the name is not a valid task name, or a name is taken.
     """
     files = {}
     for split, patterns in splits.items():
@@ -576,7 +596,7 @@ def register_t0(data_dir: str | None, vocabulary: seqio.Vocabulary) -> dict[str,
     registered = {}
     for dataset in (*TRAIN_DATASETS, *EVAL_DATASETS):
         read, where = t0_reader(dataset, data_dir)
-        templates = read_templates(os.path.join(TEMPLATES_DIR, f"{dataset.name}.yaml"))
+        templates = read_templates(os.path.join(TEMPLATES_DIR, f"{dataset.folder}.yaml"))
         registered[dataset.name] = register_prompted_tasks(
             PromptedDataset(dataset.name, templates, read, list(dataset.files), where), vocabulary)
     seqio.MixtureRegistry.add("t0_train", [

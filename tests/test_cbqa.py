@@ -1,5 +1,6 @@
-"""Closed-book QA tasks: the release-file readers (and their errors), TFDS or local source selection, the splits,
-the registered tasks on the shared data with gold answers scoring 100, and the mixtures' rates."""
+"""Closed-book QA tasks: the release-file readers (and their errors), TFDS or local source selection, the splits
+(t5_closed_book_qa's, over TFDS and over release files of TFDS's sizes), the registered tasks on the shared data with
+gold answers scoring 100, and the mixtures' rates."""
 import json
 import logging
 import os
@@ -21,15 +22,18 @@ def shared_cbqa_dir():
     return os.path.join(data_dir, "cbqa")
 
 
-@pytest.mark.parametrize("task_name, split, count", [
-    ("natural_questions_open", "test", 3610),
-    ("web_questions_open", "test", 2032),
-    ("web_questions_open", "train", 3417),
-    ("web_questions_open", "validation", 3778 - 3417),
-    ("trivia_qa_open", "test", 3000),
-    ("trivia_qa_open_test", "validation", 3000),
+@pytest.mark.parametrize("task_name, split, count, answers_that_normalise_to_nothing", [
+    ("natural_questions_open", "test", 3610, 3),  # '---', ')' and 'A+' (SQuAD: '+' goes, then the article 'a')
+    ("web_questions_open", "test", 2032, 0),
+    ("web_questions_open", "train", 3417, 0),
+    ("web_questions_open", "validation", 3778 - 3417, 0),
+    ("trivia_qa_open", "test", 3000, 1),  # '(a'
+    ("natural_questions_open_test", "validation", 3610, 3),
+    ("web_questions_open_test", "validation", 2032, 0),
 ])
-def test_shared_files_load_and_gold_answers_score_100(task_name, split, count):
+def test_shared_files_load_and_gold_answers_score_100(task_name, split, count, answers_that_normalise_to_nothing):
+    """The first answer as the prediction: EM 100, and F1 100 but for answers that normalise to nothing (F1 0, as
+    in t5's metrics)."""
     shared_cbqa_dir()
     task = seqio.get_mixture_or_task(task_name)
     assert isinstance(task.source, cbqa.QAFileSource), "a local data folder is configured: the task reads it"
@@ -43,7 +47,7 @@ def test_shared_files_load_and_gold_answers_score_100(task_name, split, count):
     scores = {}
     for metric_fn in task.metric_fns:
         scores.update(metric_fn(targets, predictions))
-    assert scores == {"em": 100.0, "f1": 100.0}
+    assert scores == {"em": 100.0, "f1": pytest.approx(100 * (1 - answers_that_normalise_to_nothing / count))}
 
 
 def test_shared_files_first_records():
@@ -181,23 +185,106 @@ def small_release(root, sizes=(5, 4, 3)):
     return str(root)
 
 
-def test_source_selection_and_tfds_splits(tmp_path):
-    expected = [
-        (cbqa.NATURAL_QUESTIONS, "natural_questions_open:1.0.0", "train[:79168]", "train[79168:]", "validation"),
-        (cbqa.WEB_QUESTIONS, "web_questions:1.0.0", "train[:3417]", "train[3417:]", "test"),
-        (cbqa.TRIVIA_QA, "trivia_qa/unfiltered.nocontext:1.1.0", "train[:78785]", "train[78785:]", "validation"),
-    ]
+# google-research/google-research t5_closed_book_qa/t5_cbqa/tasks.py (the seqio version): each task's TFDS splits.
+# natural_questions_open_test names none there, so it has TFDS's own: train and validation.
+REFERENCE_SPLITS = {
+    "natural_questions_open": {"train": "train[:79168]", "validation": "train[79168:]", "test": "validation"},
+    "natural_questions_open_test": {"train": "train", "validation": "validation"},
+    "web_questions_open": {"train": "train[:3417]", "validation": "train[3417:]", "test": "test"},
+    "web_questions_open_test": {"train": "train", "validation": "test"},
+    "trivia_qa_open": {"train": "train[:78785]", "validation": "train[78785:]", "test": "validation"},
+    "trivia_qa_open_test": {"train": "train+validation", "test": "test"},
+}
+TFDS_NAMES = {"natural_questions": "natural_questions_open:1.0.0", "web_questions": "web_questions:1.0.0",
+              "trivia_qa": "trivia_qa/unfiltered.nocontext:1.1.0"}
+
+
+def test_tfds_tasks_read_the_reference_splits():
+    cbqa.register_cbqa_tasks(None, seqio.ByteVocabulary(), suffix="_tfds_splits")
+    for name, splits in REFERENCE_SPLITS.items():
+        source = seqio.get_mixture_or_task(f"{name}_tfds_splits").source
+        assert isinstance(source, seqio.TfdsDataSource)
+        assert source.tfds_dataset.name == TFDS_NAMES[name.rsplit("_open", 1)[0]]
+        # What TFDS is asked for (seqio's own split mapping), without loading anything.
+        assert {split: source.tfds_dataset._map_split(split) for split in source.splits} == splits, name
+
+
+def test_source_selection(tmp_path):
     local_dir = small_release(tmp_path)
-    for dataset, tfds_name, train, validation, test in expected:
-        assert dataset.splits == {"train": train, "validation": validation, "test": test}
-        assert dataset.test_splits == {"train": "train", "validation": test, "test": test}
+    for dataset in cbqa.DATASETS:
         for splits in (dataset.splits, dataset.test_splits):
-            source = cbqa.qa_source(dataset, splits, data_dir=None)
-            assert isinstance(source, seqio.TfdsDataSource) and source.tfds_dataset.name == tfds_name
-            # What TFDS is asked for (seqio's own split mapping), without loading anything.
-            assert {split: source.tfds_dataset._map_split(split) for split in splits} == splits
             assert isinstance(cbqa.qa_source(dataset, splits, data_dir=local_dir), cbqa.QAFileSource)
             assert isinstance(cbqa.qa_source(dataset, splits, data_dir=str(tmp_path / "none")), seqio.TfdsDataSource)
+            assert isinstance(cbqa.qa_source(dataset, splits, data_dir=None), seqio.TfdsDataSource)
+
+
+def test_split_strings():
+    assert cbqa.parse_split("train") == [("train", slice(None, None))]
+    assert cbqa.parse_split("train[79168:]") == [("train", slice(79168, None))]
+    assert cbqa.parse_split("train[:-5] + validation[2:4]") == [("train", slice(None, -5)), ("validation", slice(2, 4))]
+    with pytest.raises(ValueError, match=r"Unsupported split 'train\[10%:\]'; valid forms: 'name', "):
+        cbqa.parse_split("train[10%:]")
+    with pytest.raises(ValueError, match=r"Unsupported split 'train\+'"):
+        cbqa.parse_split("train+")
+
+
+# TFDS's split sizes (natural_questions_open:1.0.0, web_questions:1.0.0, trivia_qa/unfiltered.nocontext:1.1.0), and
+# what each task's splits then hold: the README's table.
+RELEASE_SIZES = {"natural_questions": {"train": 87925, "validation": 3610},
+                 "web_questions": {"train": 3778, "test": 2032},
+                 "trivia_qa": {"train": 87622, "validation": 11313, "test": 10832}}
+TASK_SPLIT_SIZES = {
+    "natural_questions_open": {"train": 79168, "validation": 8757, "test": 3610},
+    "natural_questions_open_test": {"train": 87925, "validation": 3610},
+    "web_questions_open": {"train": 3417, "validation": 361, "test": 2032},
+    "web_questions_open_test": {"train": 3778, "validation": 2032},
+    "trivia_qa_open": {"train": 78785, "validation": 8837, "test": 11313},
+    "trivia_qa_open_test": {"train": 87622 + 11313, "test": 10832},
+}
+
+
+def release_of_tfds_sizes(root):
+    """Release files with TFDS's numbers of records, in every dataset's original format; question i of a split is
+    "<split> <i>", so that a task split's first and last questions say which records it holds."""
+    sizes = RELEASE_SIZES
+    for split, file in (("train", "train"), ("validation", "dev")):
+        lines = [json.dumps({"question": f"{split} {i}", "answer": ["a"]}) for i in range(sizes["natural_questions"][split])]
+        write(root / "cbqa/natural_questions_open" / f"NQ-open.{file}.jsonl", "\n".join(lines))
+    for split in ("train", "test"):
+        write(root / "cbqa/web_questions" / f"{split}.examples.json", json.dumps(
+            [{"url": "u", "targetValue": "(list (description a))", "utterance": f"{split} {i}"}
+             for i in range(sizes["web_questions"][split])]))
+    for split, file in (("train", "train"), ("validation", "dev")):
+        data = [{"Question": f"{split} {i}", "Answer": {"Value": "v", "Aliases": ["a"]}}
+                for i in range(sizes["trivia_qa"][split])]
+        write(root / "cbqa/trivia_qa" / f"unfiltered-web-{file}.json", json.dumps({"Data": data}))
+    data = [{"Question": f"test {i}", "QuestionId": f"t{i}"} for i in range(sizes["trivia_qa"]["test"])]
+    write(root / "cbqa/trivia_qa/unfiltered-web-test-without-answers.json", json.dumps({"Data": data}))
+    return str(root)
+
+
+def test_release_files_give_each_split_the_reference_examples(tmp_path):
+    cbqa.register_cbqa_tasks(release_of_tfds_sizes(tmp_path), seqio.ByteVocabulary(), suffix="_release_sizes")
+    for name, sizes in TASK_SPLIT_SIZES.items():
+        task = seqio.get_mixture_or_task(f"{name}_release_sizes")
+        assert isinstance(task.source, cbqa.QAFileSource)
+        assert {split: task.num_input_examples(split) for split in task.splits} == sizes, name
+
+    def first_and_last(name, split):
+        records = seqio.get_mixture_or_task(f"{name}_release_sizes").source.records(split)
+        return records[0][0], records[-1][0]
+
+    assert first_and_last("natural_questions_open", "validation") == ("train 79168", "train 87924")
+    assert first_and_last("natural_questions_open", "test") == ("validation 0", "validation 3609")
+    assert first_and_last("web_questions_open_test", "validation") == ("test 0", "test 2031")
+    assert first_and_last("trivia_qa_open", "train") == ("train 0", "train 78784")
+    assert first_and_last("trivia_qa_open_test", "train") == ("train 0", "validation 11312")
+    test_task = seqio.get_mixture_or_task("trivia_qa_open_test_release_sizes")
+    assert test_task.source.records("test")[0] == ("test 0", ("<unk>",))  # withheld answers, as TFDS gives them
+    mixture = seqio.get_mixture_or_task("closed_book_qa_test_release_sizes")  # the reference's own rates
+    assert {task.name: mixture.get_rate(task) for task in mixture.tasks} == {
+        "natural_questions_open_test_release_sizes": 87925, "web_questions_open_test_release_sizes": 3778,
+        "trivia_qa_open_test_release_sizes": 98935}
 
 
 def test_tfds_features_become_question_and_answers():
@@ -227,7 +314,7 @@ def test_local_tasks_splits_shards_and_mixture_rates(small_release_tasks):
         with pytest.raises(ValueError, match=r"Split 'validation' = 'train\[\d+:\]' .* is empty"):
             task.num_input_examples("validation")
         test_task = seqio.get_mixture_or_task(f"{dataset.task_name}_test_small_release")
-        assert test_task.num_input_examples("test") == sizes[2]
+        assert test_task.num_input_examples("train") == sizes[0] * (2 if dataset is cbqa.TRIVIA_QA else 1)
     mixture = seqio.get_mixture_or_task("closed_book_qa_small_release")
     assert {task.name: mixture.get_rate(task) for task in mixture.tasks} == {
         "natural_questions_open_small_release": 5.0, "web_questions_open_small_release": 4.0,
@@ -241,8 +328,6 @@ def test_local_tasks_splits_shards_and_mixture_rates(small_release_tasks):
 
 
 def test_local_source_errors(tmp_path):
-    with pytest.raises(ValueError, match="Unsupported split 'train\\[10%:\\]'"):
-        cbqa.parse_split("train[10%:]")
     with pytest.raises(ValueError, match="local files have only the splits \\['train', 'validation'\\]"):
         cbqa.QAFileSource(str(tmp_path), cbqa.NATURAL_QUESTIONS.local_files, {"test": "test"})
     source = cbqa.QAFileSource(str(tmp_path), cbqa.NATURAL_QUESTIONS.local_files, cbqa.NATURAL_QUESTIONS.splits)

@@ -233,6 +233,14 @@ def test_bad_template_files_are_named_by_file_line_and_key(tmp_path, body, error
     assert not Path("touch pwned").exists() and not (tmp_path / "pwned").exists()
 
 
-def test_task_name_part():
-    assert prompts.task_name_part("GPT-3 style") == "GPT_3_style"
-    assert prompts.task_name_part("does it follow that?") == "does_it_follow_that"
+def test_task_names_are_cleaned_as_t0_cleans_them():
+    """T0's task_clean (bigscience-workshop/t-zero, t0/seqio_tasks/utils.py): each run of characters other than
+    letters, digits, '_' and '.' becomes one '_', and nothing is stripped (T0 has e.g.
+    'dbpedia_14_given_a_choice_of_categories_' from the template 'given a choice of categories ')."""
+    assert prompts.clean_task_name("super_glue_rte_GPT-3 style") == "super_glue_rte_GPT_3_style"
+    assert prompts.clean_task_name("super_glue_rte_does it follow that?") == "super_glue_rte_does_it_follow_that_"
+    assert prompts.clean_task_name("dbpedia_14_given a choice of categories ") == (
+        "dbpedia_14_given_a_choice_of_categories_")
+    assert prompts.clean_task_name("super_glue_wsc.fixed_I think they mean") == "super_glue_wsc.fixed_I_think_they_mean"
+    assert prompts.clean_task_name("ag_news_(1) which -- section?!") == "ag_news__1_which_section_"  # '_' stays
+    assert prompts.clean_task_name("xnli_fr_Crème brûlée") == "xnli_fr_Crème_brûlée"  # \w: Unicode letters stay

@@ -180,14 +180,59 @@ def test_rank_classification_accuracy_on_constructed_scores():
 
 
 def test_median_accuracy_by_dataset():
-    results = {"rte_GPT_3_style_score_eval": {"accuracy": 50.0}, "rte_must_be_true_score_eval": {"accuracy": 70.0},
-               "rte_does_it_follow_that_score_eval": {"accuracy": 60.0},
-               "cb_GPT_3_style_score_eval": {"accuracy": 30.0}, "cb_should_assume_score_eval": {"accuracy": 40.0},
-               "sst2_great_or_terrible": {"accuracy": 99.0}}  # decoded, not ranked: not in T0's report
+    results = {"super_glue_rte_GPT_3_style_score_eval": {"accuracy": 50.0},
+               "super_glue_rte_must_be_true_score_eval": {"accuracy": 70.0},
+               "super_glue_rte_does_it_follow_that_score_eval": {"accuracy": 60.0},
+               "super_glue_cb_GPT_3_style_score_eval": {"accuracy": 30.0},
+               "super_glue_cb_should_assume_score_eval": {"accuracy": 40.0},
+               "glue_sst2_great_or_terrible": {"accuracy": 99.0}}  # decoded, not ranked: not in T0's report
     assert t0.median_accuracy_by_dataset(results) == {
-        "cb": {"median_accuracy": 35.0, "accuracy": {"GPT-3 style": 30.0, "should assume": 40.0}},
-        "rte": {"median_accuracy": 60.0, "accuracy": {"GPT-3 style": 50.0, "does it follow that": 60.0,
-                                                     "must be true": 70.0}}}
+        "super_glue_cb": {"median_accuracy": 35.0, "accuracy": {"GPT-3 style": 30.0, "should assume": 40.0}},
+        "super_glue_rte": {"median_accuracy": 60.0, "accuracy": {"GPT-3 style": 50.0, "does it follow that": 60.0,
+                                                                "must be true": 70.0}}}
+
+
+# T0's task names (bigscience-workshop/t-zero, t0/seqio_tasks/utils.py: get_task_name(dataset, subset, template)),
+# of the promptsource datasets T0 used: glue/sst2, ag_news, trec, glue/mrpc, super_glue/{rte,cb,copa}.
+T0_NAMES = {
+    "glue_sst2": ["glue_sst2_positive_or_negative", "glue_sst2_did_the_reviewer_like_it", "glue_sst2_great_or_terrible",
+                  "glue_sst2_write_a_review"],
+    "ag_news": ["ag_news_classify_with_options", "ag_news_newspaper_section", "ag_news_recommend_to",
+                "ag_news_write_a_headline"],
+    "trec": ["trec_which_category_best_describes", "trec_expected_answer_type", "trec_is_the_answer_a_person",
+             "trec_kind_of_place"],
+    "glue_mrpc": ["glue_mrpc_paraphrase", "glue_mrpc_same_meaning", "glue_mrpc_replace",
+                  "glue_mrpc_generate_a_paraphrase"],
+    "super_glue_rte": ["super_glue_rte_does_it_follow_that", "super_glue_rte_GPT_3_style",
+                       "super_glue_rte_must_be_true", "super_glue_rte_justified_in_saying"],
+    "super_glue_cb": ["super_glue_cb_always_sometimes_never", "super_glue_cb_GPT_3_style",
+                      "super_glue_cb_guaranteed_possible_impossible", "super_glue_cb_should_assume"],
+    "super_glue_copa": ["super_glue_copa_cause_or_effect", "super_glue_copa_best_option",
+                        "super_glue_copa_because_or_so", "super_glue_copa_more_likely"],
+}
+
+
+def test_the_built_in_tasks_have_t0s_names():
+    for dataset in (*t0.TRAIN_DATASETS, *t0.EVAL_DATASETS):
+        templates = t0.read_templates(os.path.join(t0.TEMPLATES_DIR, f"{dataset.folder}.yaml"))
+        # T0's <dataset>_<subset>: the promptsource dataset and subset its template file names.
+        assert dataset.name == "_".join(filter(None, (templates.dataset, templates.subset)))
+        assert sorted(task.name for task in seqio.get_mixture_or_task(dataset.name).tasks) == sorted(
+            T0_NAMES[dataset.name])
+    assert sorted(task.name for task in seqio.get_mixture_or_task("t0_train").tasks) == sorted(
+        name for dataset in ("glue_sst2", "ag_news", "trec", "glue_mrpc") for name in T0_NAMES[dataset])
+    assert sorted(task.name for task in seqio.get_mixture_or_task("super_glue_rte_score_eval").tasks) == [
+        "super_glue_rte_GPT_3_style_score_eval", "super_glue_rte_does_it_follow_that_score_eval",
+        "super_glue_rte_justified_in_saying_score_eval", "super_glue_rte_must_be_true_score_eval"]
+    assert {task.source.dataset.name for task in seqio.get_mixture_or_task("t0_eval_score_eval").tasks} == {
+        "super_glue_rte", "super_glue_cb", "super_glue_copa"}
+
+
+def test_the_built_in_tasks_feed_inputs_without_eos_as_t0_did():
+    """T0's output features (t0/seqio_tasks/tasks.py): inputs add_eos=False, targets add_eos=True."""
+    for name in ("glue_sst2_great_or_terrible", "super_glue_rte_GPT_3_style_score_eval"):
+        features = seqio.get_mixture_or_task(name).output_features
+        assert (features["inputs"].add_eos, features["targets"].add_eos) == (False, True), name
 
 
 # ---- your own dataset ----------------------------------------------------------------------------------------------
@@ -254,7 +299,7 @@ def test_your_own_prompted_dataset_in_one_call(review_files, registered):
     prompted = registered("reviews", {"train": str(review_files / "train.jsonl"),
                                       "validation": str(review_files / "dev.jsonl")},
                           templates=str(review_files / "templates.yaml"))
-    assert prompted == t0.PromptedTasks(
+    assert prompted == t0.PromptedTasks(  # <name>_<template name> cleaned as T0 cleans it
         "reviews", ("reviews_good_or_bad", "reviews_liked_it", "reviews_write_one"),
         ("reviews_good_or_bad_score_eval", "reviews_liked_it_score_eval"), ("reviews_good_or_bad_score_eval",),
         ("reviews", "reviews_score_eval"))
@@ -262,7 +307,9 @@ def test_your_own_prompted_dataset_in_one_call(review_files, registered):
     assert [(r["inputs_pretokenized"], r["targets_pretokenized"]) for r in rows] == [
         (b"Review: Loved it. Did they like it?", b"Yes"), (b"Review: Awful. Did they like it?", b"No"),
         (b"Review: Great fun. Did they like it?", b"Yes")]
-    assert rows[0]["targets"].tolist() == [ord(c) + 3 for c in "Yes"] + [1]  # ByteVocabulary: byte + 3, then EOS
+    # As T0 fed them: inputs without EOS, targets ending with it (ByteVocabulary: byte + 3; EOS is 1).
+    assert rows[0]["inputs"].tolist() == [b + 3 for b in b"Review: Loved it. Did they like it?"]
+    assert rows[0]["targets"].tolist() == [ord(c) + 3 for c in "Yes"] + [1]
     assert [r["targets_pretokenized"] for r in examples("reviews_write_one", "train")] == [
         b"Loved it.", b"Great fun.", b"Superb."]  # the bad reviews render empty: skipped
     scored = examples("reviews_good_or_bad_score_eval")
@@ -270,6 +317,7 @@ def test_your_own_prompted_dataset_in_one_call(review_files, registered):
         (b"good", [0, 0], True), (b"bad", [0, 1], False), (b"good", [1, 0], False), (b"bad", [1, 1], True),
         (b"good", [2, 0], True), (b"bad", [2, 1], False)]
     assert all(r["inputs_pretokenized"] == b"Loved it. Good or bad?" for r in scored[:2])
+    assert [(r["inputs"][-1], r["targets"][-1]) for r in scored[:2]] == [(ord("?") + 3, 1)] * 2  # no EOS, EOS
 
     mixture = seqio.get_mixture_or_task("reviews")
     assert {task.name: mixture.get_rate(task) for task in mixture.tasks} == {name: 6.0 for name in prompted.tasks}
@@ -280,6 +328,8 @@ def test_your_own_prompted_dataset_in_one_call(review_files, registered):
         registered("reviews", {"train": str(review_files / "train.jsonl")}, templates=templates)
     with pytest.raises(FileNotFoundError, match=r"Dataset 'more': no file matches the 'train' patterns \["):
         registered("more", {"train": str(review_files / "nothing*.jsonl")}, templates=templates)
+    with pytest.raises(ValueError, match=r"Dataset name 'my reviews' .* letters, digits, '_' and '\.'.*'my_reviews'"):
+        registered("my reviews", {"train": str(review_files / "train.jsonl")}, templates=templates)
 
 
 def test_templates_whose_task_names_clash_register_nothing(review_files, registered):
@@ -314,8 +364,8 @@ def test_bad_examples_of_your_dataset_are_named(review_files, registered):
 
 @needs_t0_data
 def test_the_built_in_datasets_have_the_documented_splits_and_render_everywhere():
-    sizes = {"sst2": (6920, 872), "ag_news": (7000, 600), "trec": (5452, 500), "mrpc": (4076, 1725),
-             "rte": (2490, 277), "cb": (250, 56), "copa": (32, 100)}
+    sizes = {"glue_sst2": (6920, 872), "ag_news": (7000, 600), "trec": (5452, 500), "glue_mrpc": (4076, 1725),
+             "super_glue_rte": (2490, 277), "super_glue_cb": (250, 56), "super_glue_copa": (32, 100)}
     for name, (train_size, validation_size) in sizes.items():
         sources = [task.source for task in seqio.get_mixture_or_task(name).tasks]
         assert [sources[0].num_input_examples(split) for split in ("train", "validation")] == [train_size,
@@ -324,8 +374,8 @@ def test_the_built_in_datasets_have_the_documented_splits_and_render_everywhere(
             for split in ("train", "validation"):
                 assert source.dataset.rendered(source.template, split)
     train_mixture = seqio.get_mixture_or_task("t0_train")
-    assert {task.name.split("_")[0]: train_mixture.get_rate(task) for task in train_mixture.tasks} == {
-        "sst2": 6920, "ag": 7000, "trec": 5452, "mrpc": 4076}
+    assert {task.source.dataset.name: train_mixture.get_rate(task) for task in train_mixture.tasks} == {
+        "glue_sst2": 6920, "ag_news": 7000, "trec": 5452, "glue_mrpc": 4076}
     assert len(seqio.get_mixture_or_task("t0_eval_score_eval").tasks) == 12
 
 
@@ -361,11 +411,11 @@ def test_tiny_model_trained_on_t0_train_and_evaluated_zero_shot(tmp_path, clean_
     summaries = [json.loads(line) for line in (eval_dir / "t0_eval_score_eval-summary.jsonl").read_text().splitlines()]
     assert [summary["step"] for summary in summaries] == [1, 2]
     summary = summaries[-1]
-    assert set(summary) == {"step", "rte", "cb", "copa"}
-    for dataset in ("rte", "cb", "copa"):
+    assert set(summary) == {"step", "super_glue_rte", "super_glue_cb", "super_glue_copa"}
+    for dataset in ("super_glue_rte", "super_glue_cb", "super_glue_copa"):
         accuracies = summary[dataset]["accuracy"]
         assert len(accuracies) == 4
         assert summary[dataset]["median_accuracy"] == statistics.median(accuracies.values())
         for template, accuracy in accuracies.items():
-            task = f"{dataset}_{prompts.task_name_part(template)}_score_eval"
+            task = f"{prompts.clean_task_name(f'{dataset}_{template}')}_score_eval"
             assert accuracy == pytest.approx(results[2][task]["accuracy"])
