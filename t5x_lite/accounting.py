@@ -26,8 +26,10 @@ def _attention_flops(batch_size: int, query_length: int, key_length: int, config
 
 
 def _mlp_flops(batch_size: int, length: int, config: network.T5Config) -> int:
-    """The gated MLP: wi_0 and wi_1 [embed, mlp], then wo [mlp, embed]."""
-    return 3 * (2 * batch_size * length * config.emb_dim * config.mlp_dim)
+    """The MLP: one [embed, mlp] kernel per activation (T5.1.1's gated wi_0 and wi_1, T5 1.0's wi), then wo
+    [mlp, embed]."""
+    kernels = len(config.mlp_activations) + 1
+    return kernels * (2 * batch_size * length * config.emb_dim * config.mlp_dim)
 
 
 def forward_flops(

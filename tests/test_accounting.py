@@ -127,7 +127,11 @@ def test_hand_computed_tiny_config():
     assert accounting.train_flops_per_step(config, 2, 7, 3) == 3 * 12432 == 37296
 
 
-@pytest.mark.parametrize("config", [MATMUL_HEAVY, dataclasses.replace(LOPSIDED, logits_via_embedding=True)])
+@pytest.mark.parametrize("config", [
+    MATMUL_HEAVY,
+    dataclasses.replace(LOPSIDED, logits_via_embedding=True),
+    dataclasses.replace(LOPSIDED, mlp_activations=("relu",), logits_via_embedding=True),  # T5 1.0: one wi
+], ids=["matmul_heavy", "lopsided_tied", "lopsided_t5_1_0"])
 def test_forward_equals_the_dots_xla_compiles(config):
     batch_size, inputs_length, targets_length = 4, 64, 24
     model, params, batch = _model_and_inputs(config, batch_size, inputs_length, targets_length)
