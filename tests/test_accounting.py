@@ -232,3 +232,74 @@ def test_benchmark_script_runs_without_tensorflow(tmp_path):
     assert results["train_flops_per_step"] == accounting.train_flops_per_step(config, 8, 16, 8)
     assert len(results["step_seconds_all"]) == 2 and results["peak_tflops_per_second"] == 8.0
     assert math.isfinite(results["final_loss"]) and results["tokens_per_second"] > 0
+
+
+# ---- energy and emissions -----------------------------------------------------------------------------------
+
+# Patterson et al. 2021 (Table 4), from their inputs. Their days are rounded (20 and 14.8), so their energy is
+# within 0.5% of what the rounded inputs give: T5 85.3 vs 85.7 MWh, GPT-3 1,289 vs 1,287 MWh.
+PATTERSON_ROUNDING = 5e-3
+
+
+@pytest.mark.parametrize("chips, days, watts, pue, grid, mwh, tonnes", [
+    (512, 20, 310, 1.12, 0.545, 85.7, 46.7),  # T5-11B on TPU v3
+    (10_000, 14.8, 330, 1.10, 0.429, 1_287, 552.1),  # GPT-3 on V100
+], ids=["t5_11b", "gpt3"])
+def test_energy_and_co2e_reproduce_pattersons_rows(chips, days, watts, pue, grid, mwh, tonnes):
+    kwh = accounting.energy_kwh(chips * days * 86400, watts, pue)
+    assert kwh / 1000 == pytest.approx(mwh, rel=PATTERSON_ROUNDING)
+    assert accounting.co2e_kg(kwh, grid) / 1000 == pytest.approx(tonnes, rel=PATTERSON_ROUNDING)
+
+
+def test_chip_days_of_t5_11b():
+    """T5-11B: 4.05e22 FLOPs at 45.6 TFLOP/s per chip is 10,280 chip-days, 20.1 days on 512 chips (the paper: 20)."""
+    days = accounting.chip_days(4.05e22, 45.6e12)
+    assert days == pytest.approx(10_280, rel=1e-3)
+    assert days / 512 == pytest.approx(20.08, rel=1e-3)
+
+
+def test_energy_arguments_are_checked():
+    with pytest.raises(ValueError, match="watts_per_device=-1"):
+        accounting.energy_kwh(10, -1)
+    with pytest.raises(ValueError, match="flops_per_second_per_chip=0"):
+        accounting.chip_days(1e20, 0)
+    with pytest.raises(ValueError, match="platform 'npu'"):
+        accounting.EnergyMeter("npu", 1)
+
+
+def write_rapl(root, zone, energy_uj, max_range_uj=1_000_000_000):
+    path = root / zone
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "energy_uj").write_text(f"{energy_uj}\n")
+    (path / "max_energy_range_uj").write_text(f"{max_range_uj}\n")
+
+
+def test_energy_meter_reads_rapl_packages_across_a_wrap(tmp_path):
+    """Two packages' counters (their subzones, e.g. intel-rapl:0:0, are parts of them and not added): one goes
+    up by 30 J, the other wraps around its range and goes up by 20 J in all; x PUE 1.5."""
+    write_rapl(tmp_path, "intel-rapl:0", 100_000_000)
+    write_rapl(tmp_path, "intel-rapl:1", 990_000_000)
+    write_rapl(tmp_path, "intel-rapl:0:0", 5)
+    meter = accounting.EnergyMeter("cpu", 2, pue=1.5, grid_kg_co2e_per_kwh=0.5, rapl_root=str(tmp_path))
+    assert meter.source == "measured: RAPL"
+    write_rapl(tmp_path, "intel-rapl:0", 115_000_000)
+    write_rapl(tmp_path, "intel-rapl:1", 995_000_000)
+    meter.sample()
+    write_rapl(tmp_path, "intel-rapl:0", 130_000_000)
+    write_rapl(tmp_path, "intel-rapl:1", 10_000_000)  # wrapped: 5 J to the top of the range, then 10 J
+    write_rapl(tmp_path, "intel-rapl:0:0", 10**9)
+    summary = meter.summary()
+    assert summary["energy_kwh"] == pytest.approx(50 * 1.5 / 3.6e6)
+    assert summary["co2e_kg"] == pytest.approx(summary["energy_kwh"] * 0.5)
+    assert summary["power"] == "measured: RAPL"
+
+
+def test_energy_meter_estimates_without_counters(tmp_path):
+    meter = accounting.EnergyMeter("cpu", 2, rapl_root=str(tmp_path / "absent"))
+    assert meter.source == "estimated: 8 W per device"
+    meter.start -= 3600  # an hour ago
+    summary = meter.summary()
+    assert summary["device_seconds"] == pytest.approx(7200, rel=1e-3)
+    assert summary["energy_kwh"] == pytest.approx(2 * 8 * accounting.DEFAULT_PUE / 1000, rel=1e-3)
+    gpu = accounting.EnergyMeter("gpu", 8, watts_per_device=700)
+    assert gpu.source == "estimated: 700 W per device"
