@@ -111,7 +111,14 @@ class EncoderDecoderModel:
         )
 
     def score(self, params: Any, batch: Batch) -> jax.Array:
-        """Summed log-likelihood of each example's targets (loss weights applied): float32[batch]."""
+        """Summed log-likelihood of each example's targets (loss weights applied): float32[batch].
+
+        `params` may be an ensemble (a list or tuple of several models' parameters): the members' summed
+        log-likelihoods are averaged, as rank classification compares them."""
+        members = _members(params)
+        return sum(self._score_one(member, batch) for member in members) / len(members)
+
+    def _score_one(self, params: Any, batch: Batch) -> jax.Array:
         logits = self.logits(params, batch).astype(jnp.float32)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token_log_probs = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
@@ -135,7 +142,8 @@ class EncoderDecoderModel:
         """Decodes the targets of a batch: encode once, then one cached decoder step per token.
 
         Args:
-          params: the parameters (unboxed).
+          params: the parameters (unboxed), or an ensemble: a list or tuple of several models' parameters (of this
+            config), whose next-token log-probabilities are averaged at every step of every decoder.
           batch: needs `encoder_input_tokens` int32[batch, input_length], and `decoder_target_tokens` (or
             `decoder_input_tokens`) int32[batch, targets_length] unless max_decode_length is given.
           rng: PRNG key for sampling.
@@ -161,34 +169,20 @@ class EncoderDecoderModel:
 
         # Remat only matters for gradients; the cache is the same with or without it.
         module = network.Transformer(dataclasses.replace(self.config, remat_policy="none"))
-        encoded = module.apply({"params": params}, encoder_tokens, method=module.encode)
-        # The prefill call: zero self-attention caches (index 0) and the projected encoder keys/values. Its logits
-        # are unused, so under jit XLA drops the rest of that pass.
-        _, variables = module.apply(
-            {"params": params}, encoded, encoder_tokens, jnp.zeros((encoder_tokens.shape[0], max_length), jnp.int32),
-            decode=True, max_decode_length=max_length, method=module.decode, mutable=["cache"],
-        )
-
-        # The cross-attention keys/values never change while decoding and are the same for every sample or beam
-        # of an example: keep them (repeated once for the rows) out of the loop's state, so that beam search
-        # neither copies nor reorders them at each step. The loop carries only the self-attention caches.
         batch_axis = 1 if self.config.scan_layers else 0
-        rows = config.num_outputs
-        flat_cache = flax.traverse_util.flatten_dict(variables["cache"])
-        constant = {path: jnp.repeat(value, rows, axis=batch_axis) for path, value in flat_cache.items()
-                    if "encoder_decoder_attention" in path}
-        loop_cache = flax.traverse_util.unflatten_dict({p: v for p, v in flat_cache.items() if p not in constant})
-        encoder_tokens_rows = jnp.repeat(encoder_tokens, rows, axis=0)  # for the cross-attention mask
+        members = [_DecodingMember(module, member, encoder_tokens, max_length, config.num_outputs, batch_axis)
+                   for member in _members(params)]
 
-        def tokens_to_logits(tokens, cache):
-            cache = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(cache), **constant})
-            logits, updated = module.apply(
-                {"params": params, "cache": cache}, None, encoder_tokens_rows, tokens,
-                decode=True, max_decode_length=max_length, method=module.decode, mutable=["cache"],
-            )
-            updated = flax.traverse_util.flatten_dict(updated["cache"])
-            return logits[:, 0], flax.traverse_util.unflatten_dict({p: updated[p] for p in updated if p not in constant})
+        def tokens_to_logits(tokens, caches):
+            steps = [member.step(tokens, cache) for member, cache in zip(members, caches)]
+            caches = tuple(cache for _, cache in steps)
+            if len(members) == 1:
+                return steps[0][0], caches
+            # An ensemble's next-token distribution: the members' log-probabilities averaged (the decoders
+            # normalise what they are given again).
+            return sum(jax.nn.log_softmax(logits.astype(jnp.float32)) for logits, _ in steps) / len(steps), caches
 
+        loop_cache = tuple(member.loop_cache for member in members)
         common = dict(max_decode_length=max_length, eos_id=eos_id, cache_batch_axis=batch_axis)
         if config.decoder == "beam_search":
             tokens, scores = decoding.beam_search(
@@ -204,3 +198,47 @@ class EncoderDecoderModel:
         if not return_all_decodes:
             tokens, scores = tokens[:, 0], scores[:, 0]
         return (tokens, scores) if return_scores else tokens
+
+
+def _members(params: Any) -> list[Any]:
+    """The parameters of each model: `params` is one model's, or a list or tuple of several (an ensemble)."""
+    members = list(params) if isinstance(params, (list, tuple)) else [params]
+    if not members:
+        raise ValueError("an ensemble needs at least one member's parameters")
+    return members
+
+
+class _DecodingMember:
+    """One model's part in decoding: its encoder output and decode cache, and one cached decoder step.
+
+    The encoder runs once; the prefill call creates the self-attention caches (zeros, index 0) and projects the
+    encoder keys/values for the cross-attention (its logits are unused, so under jit XLA drops the rest of that
+    pass). The cross-attention keys/values never change while decoding and are the same for every sample or beam
+    of an example, so they are kept (repeated once for the rows) out of the loop's state: beam search neither
+    copies nor reorders them at each step. The loop carries only `loop_cache`, the self-attention caches.
+    """
+
+    def __init__(self, module, params, encoder_tokens, max_length: int, rows: int, batch_axis: int):
+        self.module, self.params, self.max_length = module, params, max_length
+        encoded = module.apply({"params": params}, encoder_tokens, method=module.encode)
+        _, variables = module.apply(
+            {"params": params}, encoded, encoder_tokens, jnp.zeros((encoder_tokens.shape[0], max_length), jnp.int32),
+            decode=True, max_decode_length=max_length, method=module.decode, mutable=["cache"],
+        )
+        flat_cache = flax.traverse_util.flatten_dict(variables["cache"])
+        self.constant = {path: jnp.repeat(value, rows, axis=batch_axis) for path, value in flat_cache.items()
+                         if "encoder_decoder_attention" in path}
+        self.loop_cache = flax.traverse_util.unflatten_dict(
+            {p: v for p, v in flat_cache.items() if p not in self.constant})
+        self.encoder_tokens_rows = jnp.repeat(encoder_tokens, rows, axis=0)  # for the cross-attention mask
+
+    def step(self, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """tokens: int32[rows, 1] -> (next-token logits float32[rows, vocab], the updated loop cache)."""
+        cache = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(cache), **self.constant})
+        logits, updated = self.module.apply(
+            {"params": self.params, "cache": cache}, None, self.encoder_tokens_rows, tokens,
+            decode=True, max_decode_length=self.max_length, method=self.module.decode, mutable=["cache"],
+        )
+        updated = flax.traverse_util.flatten_dict(updated["cache"])
+        return logits[:, 0], flax.traverse_util.unflatten_dict(
+            {p: v for p, v in updated.items() if p not in self.constant})

@@ -277,3 +277,84 @@ def test_decoding_config_names_bad_arguments():
     with pytest.raises(ValueError, match="needs max_decode_length"):
         model.predict_batch(params, {"encoder_input_tokens": BATCH["encoder_input_tokens"]})
     assert decoding.DecodingConfig(decoder="beam_search", num_beams=5).num_outputs == 5
+
+
+# ---- ensembles ----------------------------------------------------------------------------------------------
+
+@functools.cache
+def ensemble_params():
+    """Two different models' parameters (the tiny model at two seeds)."""
+    init = jax.jit(models.EncoderDecoderModel(TINY).init)
+    return tuple(nn.unbox(init(jax.random.PRNGKey(seed))) for seed in (0, 1))
+
+
+@functools.cache
+def jitted_ensemble_predict(**kwargs):
+    model, _ = model_and_params(False)
+    return jax.jit(lambda members, batch, rng: model.predict_batch(members, batch, rng=rng, return_scores=True,
+                                                                   **kwargs))
+
+
+ENSEMBLE_DECODERS = [dict(decoder="greedy"), dict(decoder="sample", temperature=0.8, topk=20),
+                     dict(decoder="beam_search", num_beams=3)]
+
+
+@pytest.mark.parametrize("decoding_kwargs", ENSEMBLE_DECODERS, ids=["greedy", "sample", "beam_search"])
+def test_ensemble_of_one_or_of_identical_members_decodes_as_one_model(decoding_kwargs):
+    """A one-member ensemble is the model itself (the same tokens and scores, bit for bit: checked for greedy, the
+    decoders share the step); two identical members average to the same log-probabilities, so the same tokens, and
+    scores within float32 rounding (the average is normalised once more)."""
+    _, params = model_and_params(False)
+    rng = jax.random.PRNGKey(5)
+    single = [np.asarray(x) for x in predict(rng=rng, **decoding_kwargs)]
+    if decoding_kwargs["decoder"] == "greedy":
+        one = [np.asarray(x) for x in jitted_ensemble_predict(**decoding_kwargs)((params,), BATCH, rng)]
+        for got, want in zip(one, single):
+            np.testing.assert_array_equal(got, want)
+    two = [np.asarray(x) for x in jitted_ensemble_predict(**decoding_kwargs)((params, params), BATCH, rng)]
+    np.testing.assert_array_equal(two[0], single[0])
+    np.testing.assert_allclose(two[1], single[1], atol=1e-5, rtol=1e-6)
+
+
+def brute_force_ensemble_greedy(members, batch, max_length):
+    """Greedy decoding of an ensemble by full forward passes over the whole prefix (no cache): at every step the
+    members' log-softmaxes are averaged and the best token taken; the score sums the renormalised average."""
+    model, _ = model_and_params(False)
+    forward = jax.jit(lambda p, enc, dec: model.module.apply({"params": p}, enc, dec))
+    rows = batch["encoder_input_tokens"].shape[0]
+    decoder_inputs = np.zeros((rows, max_length), np.int32)
+    tokens, scores = np.zeros((rows, max_length), np.int32), np.zeros(rows)
+    ended = np.zeros(rows, bool)
+    for i in range(max_length):
+        log_probs = np.mean([jax.nn.log_softmax(forward(p, batch["encoder_input_tokens"], decoder_inputs)[:, i])
+                             for p in members], axis=0)
+        log_probs = np.asarray(jax.nn.log_softmax(log_probs))
+        next_token = log_probs.argmax(-1)
+        scores += np.where(ended, 0.0, log_probs[np.arange(rows), next_token])
+        next_token = np.where(ended, 0, next_token)
+        tokens[:, i] = next_token
+        ended |= next_token == EOS
+        if i + 1 < max_length:
+            decoder_inputs[:, i + 1] = next_token
+    return tokens, scores
+
+
+def test_ensemble_greedy_equals_a_brute_force_reference():
+    members = ensemble_params()
+    tokens, scores = jitted_ensemble_predict(decoder="greedy")(members, BATCH, jax.random.PRNGKey(0))
+    want_tokens, want_scores = brute_force_ensemble_greedy(members, BATCH, BATCH["decoder_target_tokens"].shape[1])
+    np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
+    np.testing.assert_allclose(np.asarray(scores), want_scores, atol=SCORE_ATOL)
+    # The ensemble decodes something neither member does on its own.
+    alone = [np.asarray(jitted_ensemble_predict(decoder="greedy")((m,), BATCH, jax.random.PRNGKey(0))[0])
+             for m in members]
+    assert all(not np.array_equal(np.asarray(tokens), a) for a in alone)
+
+
+def test_ensemble_score_averages_the_members_log_likelihoods():
+    model, _ = model_and_params(False)
+    members = ensemble_params()
+    score = jax.jit(model.score)
+    each = [np.asarray(score(m, BATCH)) for m in members]
+    np.testing.assert_allclose(np.asarray(score(members, BATCH)), np.mean(each, axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(score((members[0],), BATCH)), each[0])
